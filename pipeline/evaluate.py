@@ -1,0 +1,115 @@
+"""Model accuracy on labelled frames: ``dpelt test``.
+
+Energy errors are per atom (eV/atom: RMSE of ΔE/N over frames), force errors per
+component (eV/Å), virial errors per atom (eV/atom). Systems are combined weighting each
+frame (energy, virial) or each force component equally.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+
+from .data.frames import formula, type_map_of
+from .data.io import read_systems
+from .errors import DataError
+from .fileio import atomic_path, write_json_atomic
+from .model.deeppot import DeepPot
+from .model.inputs import frame_inputs
+
+
+def predict(model: DeepPot, ds: xr.Dataset, chunk: int = 8, source: str = "<frames>") -> dict:
+    """Energy [nf] eV, forces [nf, natoms, 3] eV/Å and virial [nf, 3, 3] eV for every frame."""
+    if type_map_of(ds) != list(model.type_map):
+        raise DataError(f"type_map {type_map_of(ds)} differs from the model's {list(model.type_map)}", path=source, key="type_map")
+    pbc = ds["pbc"].values.astype(bool)
+    atype = ds["atom_type"].values.astype(np.int64)
+    coord, cell = ds["coord"].values, ds["cell"].values
+    energy, force, virial = [], [], []
+    for start in range(0, coord.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        rij, nlist, _ = frame_inputs(coord[sl], cell[sl], pbc, atype, model.rcut, model.sel, model.type_map, on_overflow="error", where=f"{source} frame")
+        out = model.forward_rij(rij, nlist, torch.from_numpy(atype), True, True, False)
+        energy.append(out["energy"].detach().numpy())
+        force.append(out["force"].detach().numpy())
+        virial.append(out["virial"].detach().numpy())
+    return {"energy": np.concatenate(energy), "force": np.concatenate(force), "virial": np.concatenate(virial)}
+
+
+def _sums(pred: dict, ds: xr.Dataset) -> dict:
+    n = ds.sizes["atom"]
+    de = (pred["energy"] - ds["energy"].values) / n
+    df = (pred["force"] - ds["force"].values).ravel()
+    s = {"nframes": len(de), "e2": float((de**2).sum()), "e1": float(np.abs(de).sum()), "nf": len(df), "f2": float((df**2).sum()), "f1": float(np.abs(df).sum())}
+    if "virial" in ds:
+        dv = ((pred["virial"] - ds["virial"].values) / n).ravel()
+        s.update({"nv": len(dv), "v2": float((dv**2).sum()), "v1": float(np.abs(dv).sum())})
+    return s
+
+
+def _metrics(s: dict) -> dict:
+    out = {
+        "nframes": s["nframes"],
+        "energy_rmse_per_atom": np.sqrt(s["e2"] / s["nframes"]),
+        "energy_mae_per_atom": s["e1"] / s["nframes"],
+        "force_rmse": np.sqrt(s["f2"] / s["nf"]),
+        "force_mae": s["f1"] / s["nf"],
+    }
+    if s.get("nv"):
+        out["virial_rmse_per_atom"] = np.sqrt(s["v2"] / s["nv"])
+        out["virial_mae_per_atom"] = s["v1"] / s["nv"]
+    return {k: (float(v) if not isinstance(v, int) else v) for k, v in out.items()}
+
+
+def parity_plot(path: str | os.PathLike, e_ref: np.ndarray, e_pred: np.ndarray, f_ref: np.ndarray, f_pred: np.ndarray, title: str = "") -> None:
+    """Energy-per-atom and force-component parity plots side by side (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for ax, ref, pr, label in ((axes[0], e_ref, e_pred, "energy (eV/atom)"), (axes[1], f_ref, f_pred, "force component (eV/Å)")):
+        ax.scatter(ref, pr, s=3, alpha=0.5)
+        lo, hi = float(min(ref.min(), pr.min())), float(max(ref.max(), pr.max()))
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        rmse = float(np.sqrt(np.mean((pr - ref) ** 2)))
+        ax.set_xlabel(f"reference {label}")
+        ax.set_ylabel(f"model {label}")
+        ax.set_title(f"RMSE {rmse:.3g}")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def test_model(model: DeepPot, systems: Sequence[str | os.PathLike], out_json: str | os.PathLike | None = None, plot: str | os.PathLike | None = None) -> dict:
+    """Errors of ``model`` on every labelled system under ``systems``; optionally JSON + parity PNG."""
+    per_system, total = [], {}
+    e_ref, e_pred, f_ref, f_pred = [], [], [], []
+    for path in systems:
+        for k, ds in enumerate(read_systems(path, type_map=model.type_map, require_labels=True)):
+            src = f"{path}" + (f"#{k}" if k else "")
+            pred = predict(model, ds, source=src)
+            s = _sums(pred, ds)
+            per_system.append({"system": src, "formula": formula(ds)} | _metrics(s))
+            for key, v in s.items():
+                total[key] = total.get(key, 0) + v
+            n = ds.sizes["atom"]
+            e_ref.append(ds["energy"].values / n)
+            e_pred.append(pred["energy"] / n)
+            f_ref.append(ds["force"].values.ravel())
+            f_pred.append(pred["force"].ravel())
+    result = {"systems": per_system, "overall": _metrics(total)}
+    if out_json:
+        write_json_atomic(out_json, result)
+    if plot:
+        parity_plot(plot, np.concatenate(e_ref), np.concatenate(e_pred), np.concatenate(f_ref), np.concatenate(f_pred))
+    return result

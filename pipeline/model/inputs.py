@@ -1,0 +1,44 @@
+"""Model inputs (displacements and neighbour lists) for frames given as arrays."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .neighbor import build_neighbor_list, displacements, overflow_message
+from ..errors import NeighborOverflowError
+
+
+def frame_inputs(
+    coord: np.ndarray,
+    cell: np.ndarray,
+    pbc: Sequence[bool],
+    atype: np.ndarray,
+    rcut: float,
+    sel: Sequence[int],
+    type_map: Sequence[str],
+    on_overflow: str = "error",
+    where: str = "frame",
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Displacements and neighbour lists for frames of one system.
+
+    coord [nf, natoms, 3] Å, cell [nf, 3, 3] Å, atype [natoms].
+    Returns rij [nf, natoms, nnei, 3] (float64), nlist [nf, natoms, nnei] (int64) and the
+    largest neighbour overflow seen (0 = none). ``on_overflow``: "error" raises
+    :class:`NeighborOverflowError`; "ignore" keeps the nearest ``sel`` (the caller reports).
+    """
+    coord = np.asarray(coord, dtype=np.float64)
+    cell = np.asarray(cell, dtype=np.float64)
+    nf = coord.shape[0]
+    rijs, nlists, worst = [], [], 0
+    for f in range(nf):
+        nl = build_neighbor_list(coord[f], cell[f], pbc, atype, rcut, sel)
+        if nl.max_overflow:
+            if on_overflow == "error":
+                raise NeighborOverflowError(overflow_message(nl.overflow, sel, type_map, f"{where} {f}"), key="sel")
+            worst = max(worst, nl.max_overflow)
+        rijs.append(displacements(coord[f], cell[f], nl, rcut))
+        nlists.append(nl.nlist)
+    return torch.from_numpy(np.stack(rijs)), torch.from_numpy(np.stack(nlists)), worst

@@ -1,0 +1,131 @@
+"""Neighbour lists for se_e2_a: neighbours within ``rcut``, grouped by type and padded to ``sel``.
+
+The search itself is linear-scaling (``vesin``'s cell list; periodic along any subset of
+the three cell vectors, triclinic cells, cells shorter than ``rcut``). The result is the
+DeePMD layout: for every atom ``nnei = sum(sel)`` slots, the first ``sel[0]`` for
+neighbours of type 0 (nearest first), then ``sel[1]`` for type 1, … unused slots hold -1.
+
+Padded slots get the displacement :func:`padding_vector` (far beyond ``rcut``), so the
+smooth switch makes them vanish exactly and the model needs no mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import vesin
+
+from ..errors import NeighborOverflowError
+
+
+@dataclass
+class NeighborList:
+    """Padded, type-sectioned neighbour list of one frame.
+
+    ``rij = coord[nlist] + shift @ cell - coord[i]`` for the real slots.
+    """
+
+    nlist: np.ndarray  # [natoms, nnei] int64, -1 = empty slot
+    shift: np.ndarray  # [natoms, nnei, 3] int32 cell-image shift (in units of cell vectors)
+    overflow: np.ndarray  # [natoms, ntypes] neighbours of each type beyond sel (0 = none)
+
+    @property
+    def max_overflow(self) -> int:
+        return int(self.overflow.max(initial=0))
+
+
+def padding_vector(rcut: float) -> np.ndarray:
+    """Displacement given to empty slots: twice the cut-off, where the switch is exactly 0."""
+    return np.array([2.0 * rcut + 1.0, 0.0, 0.0])
+
+
+def neighbor_counts(
+    coord: np.ndarray, cell: np.ndarray, pbc: Sequence[bool], atype: np.ndarray, rcut: float, ntypes: int
+) -> np.ndarray:
+    """Number of neighbours of each type within ``rcut`` for every atom: [natoms, ntypes]."""
+    i, j, _ = _pairs(coord, cell, pbc, rcut)
+    counts = np.zeros((len(atype), ntypes), dtype=np.int64)
+    np.add.at(counts, (i, atype[j]), 1)
+    return counts
+
+
+def _pairs(coord: np.ndarray, cell: np.ndarray, pbc: Sequence[bool], rcut: float):
+    pbc = [bool(p) for p in np.asarray(pbc).reshape(3)]
+    box = np.asarray(cell, dtype=np.float64) if any(pbc) else np.zeros((3, 3))
+    nl = vesin.NeighborList(cutoff=float(rcut), full_list=True)
+    i, j, S, d = nl.compute(np.asarray(coord, dtype=np.float64), box, pbc, quantities="ijSd")
+    keep = d < rcut
+    return i[keep].astype(np.int64), j[keep].astype(np.int64), (S[keep].astype(np.int32), d[keep])
+
+
+def build_neighbor_list(
+    coord: np.ndarray,
+    cell: np.ndarray,
+    pbc: Sequence[bool],
+    atype: np.ndarray,
+    rcut: float,
+    sel: Sequence[int],
+) -> NeighborList:
+    """Neighbour list of one frame in the se_e2_a layout.
+
+    Parameters
+    ----------
+    coord : [natoms, 3] positions, Å.
+    cell : [3, 3] cell vectors as rows, Å (ignored along non-periodic directions).
+    pbc : periodicity along each cell vector.
+    atype : [natoms] type indices.
+    rcut : cut-off, Å.
+    sel : maximum neighbours kept per neighbour type.
+
+    When an atom has more neighbours of a type than ``sel`` allows, the nearest are kept
+    and the excess is counted in ``overflow`` (callers report or refuse it).
+    """
+    atype = np.asarray(atype, dtype=np.int64)
+    natoms = len(atype)
+    sel = np.asarray(sel, dtype=np.int64)
+    ntypes = len(sel)
+    nnei = int(sel.sum())
+    sec = np.concatenate([[0], np.cumsum(sel)])
+    i, j, (S, d) = _pairs(coord, cell, pbc, rcut)
+    tj = atype[j]
+    # sort by centre, neighbour type, distance, index: nearest first within each section
+    order = np.lexsort((j, d, tj, i))
+    i, j, S, tj = i[order], j[order], S[order], tj[order]
+    group = i * ntypes + tj
+    counts = np.bincount(group, minlength=natoms * ntypes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(i)) - starts[group]
+    overflow = np.maximum(counts.reshape(natoms, ntypes) - sel[None, :], 0)
+    keep = rank < sel[tj]
+    slot = sec[tj] + rank
+    nlist = np.full((natoms, nnei), -1, dtype=np.int64)
+    shift = np.zeros((natoms, nnei, 3), dtype=np.int32)
+    nlist[i[keep], slot[keep]] = j[keep]
+    shift[i[keep], slot[keep]] = S[keep]
+    return NeighborList(nlist=nlist, shift=shift, overflow=overflow)
+
+
+def displacements(coord: np.ndarray, cell: np.ndarray, nl: NeighborList, rcut: float) -> np.ndarray:
+    """rij [natoms, nnei, 3] (Å) for a neighbour list; empty slots get :func:`padding_vector`."""
+    rij = coord[np.maximum(nl.nlist, 0)] + nl.shift @ np.asarray(cell) - coord[:, None, :]
+    rij[nl.nlist < 0] = padding_vector(rcut)
+    return rij
+
+
+def overflow_message(overflow: np.ndarray, sel: Sequence[int], type_map: Sequence[str], where: str) -> str:
+    """Human-readable description of a neighbour overflow."""
+    atom, t = np.unravel_index(int(np.argmax(overflow)), overflow.shape)
+    found = int(overflow[atom, t] + sel[t])
+    return (
+        f"{where}: atom {atom} has {found} neighbours of type {type_map[t]} within rcut, "
+        f"but sel[{t}] = {sel[t]}; the model would drop {int(overflow[atom, t])} of them. "
+        f"Raise sel (or use sel: auto)."
+    )
+
+
+def check_overflow(nl: NeighborList, sel: Sequence[int], type_map: Sequence[str], where: str) -> None:
+    """Raise :class:`NeighborOverflowError` when any atom has more neighbours than ``sel``."""
+    if nl.max_overflow > 0:
+        raise NeighborOverflowError(overflow_message(nl.overflow, sel, type_map, where), key="sel")

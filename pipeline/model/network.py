@@ -1,0 +1,86 @@
+"""Dense networks of Deep Potential: embedding and fitting nets with ResNet shortcuts.
+
+A layer maps x (width n_in) to y = tanh(x W + b) (width n_out). With shortcuts on, a layer
+with n_out == n_in returns x + y, and one with n_out == 2 n_in returns (x, x) + y; with
+``resnet_dt`` the residual is scaled by a trainable per-neuron timestep: x + y·dt.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+
+class DenseLayer(nn.Module):
+    """One tanh layer, optionally residual (see module docstring)."""
+
+    def __init__(
+        self,
+        n_in: int,
+        n_out: int,
+        resnet: bool,
+        resnet_dt: bool,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+        activation: bool = True,
+        bias_std: float = 1.0,
+    ):
+        super().__init__()
+        std = 1.0 / math.sqrt(n_in + n_out)
+        self.weight = nn.Parameter(torch.randn(n_in, n_out, generator=generator, dtype=dtype) * std)
+        self.bias = nn.Parameter(torch.randn(n_out, generator=generator, dtype=dtype) * bias_std)
+        self.activation = activation
+        self.shortcut = 0
+        if resnet and activation and n_out == n_in:
+            self.shortcut = 1
+        elif resnet and activation and n_out == 2 * n_in:
+            self.shortcut = 2
+        self.use_dt = bool(resnet_dt and self.shortcut)
+        idt = 0.1 + 0.001 * torch.randn(n_out, generator=generator, dtype=dtype)
+        self.idt = nn.Parameter(idt) if self.use_dt else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(x.shape[:-1] + (self.weight.shape[1],))
+        if not self.activation:
+            return y
+        y = torch.tanh(y)
+        idt = self.idt
+        if idt is not None:
+            y = y * idt
+        if self.shortcut == 1:
+            y = y + x
+        elif self.shortcut == 2:
+            y = y + torch.cat([x, x], dim=-1)
+        return y
+
+
+class MLP(nn.Module):
+    """A stack of :class:`DenseLayer` (tanh, shortcuts as DeePMD), optional linear output layer."""
+
+    def __init__(
+        self,
+        n_in: int,
+        neuron: Sequence[int],
+        resnet_dt: bool,
+        generator: torch.Generator,
+        dtype: torch.dtype,
+        n_out: int = 0,
+    ):
+        super().__init__()
+        layers: List[nn.Module] = []
+        width = n_in
+        for n in neuron:
+            layers.append(DenseLayer(width, n, resnet=True, resnet_dt=resnet_dt, generator=generator, dtype=dtype))
+            width = n
+        if n_out:
+            layers.append(DenseLayer(width, n_out, resnet=False, resnet_dt=False, generator=generator, dtype=dtype, activation=False))
+        self.layers = nn.ModuleList(layers)
+        self.dim_out = n_out or width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x

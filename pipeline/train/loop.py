@@ -1,0 +1,275 @@
+"""The training loop: plain functions, no framework.
+
+``train(cfg, out_dir)`` writes ``model.pt`` (final model), ``checkpoint.pt`` (every
+``save_freq`` steps: model, Adam state, sampler state, learning curve so far),
+``lcurve.csv`` and ``input.json`` (the resolved input). Same seed + same thread count
+give bit-identical files; resuming from a checkpoint gives the same final model as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..config import to_dict
+from ..data.io import read_systems
+from ..data.netcdf import content_sha256
+from ..errors import ConfigError, DataError, ModelFileError
+from ..fileio import atomic_path, write_json_atomic, write_text_atomic
+from ..model.config import ModelConfig
+from ..model.deeppot import DeepPot
+from ..model.serialize import FORMAT_VERSION, model_from_dict, model_to_dict, plain, read_model_file, save_model
+from ..model.stats import EnvStatAccumulator, auto_sel, fit_energy_bias
+from ..runtime import configure_torch
+from .config import DataConfig, TrainConfig
+from .data import Batch, BatchSampler, TrainSystem, max_neighbor_counts, resolve_batch_size
+from .loss import energy_loss, prefactors
+from .lr import ExpDecay
+
+CHECKPOINT_KIND = "dpelt-checkpoint"
+
+
+def load_systems(data: DataConfig, type_map: Sequence[str], key: str) -> list[tuple]:
+    """[(dataset, source)] for every system under the configured paths (labels required)."""
+    out = []
+    for path in data.system_list:
+        try:
+            systems = read_systems(path, type_map=type_map, require_labels=True)
+        except DataError:
+            raise
+        for k, ds in enumerate(systems):
+            out.append((ds, path if len(systems) == 1 else f"{path}#{k}"))
+    if not out:
+        raise ConfigError("no systems found", key=f"{key}.systems")
+    return out
+
+
+def resolve_sel(cfg: ModelConfig, systems: list[tuple]) -> list[int]:
+    sel = cfg.descriptor.sel
+    if not isinstance(sel, str):
+        return list(sel)
+    factor = float(sel.split(":", 1)[1]) if ":" in sel else 1.1
+    return auto_sel(max_neighbor_counts(systems, cfg.descriptor.rcut, cfg.ntypes), factor)
+
+
+def compute_statistics(model: DeepPot, cfg: ModelConfig, systems: Sequence[TrainSystem], seed: int) -> None:
+    """Set davg/dstd from up to ``data_stat_nbatch`` frames per system and the energy bias from all."""
+    acc = EnvStatAccumulator(model.ntypes)
+    rng = np.random.default_rng([seed, 31337])
+    for s in systems:
+        n = min(s.nframes, cfg.data_stat_nbatch)
+        frames = np.sort(rng.choice(s.nframes, size=n, replace=False))
+        b = s.batch(frames)
+        acc.add(b.rij, b.nlist, b.atype, model.sel, cfg.descriptor.rcut_smth, cfg.descriptor.rcut)
+    davg, dstd = acc.result(model.sel, cfg.data_stat_protect)
+    if cfg.descriptor.set_davg_zero:
+        davg[:] = 0.0
+    counts = np.concatenate([np.tile(np.bincount(s.atype.numpy(), minlength=model.ntypes), (s.nframes, 1)) for s in systems])
+    energies = np.concatenate([s.energy.numpy() for s in systems])
+    bias = fit_energy_bias(counts, energies, cfg.fitting_net.rcond)
+    dtype = model.model_dtype
+    with torch.no_grad():
+        model.descriptor.davg.copy_(torch.as_tensor(davg, dtype=dtype))
+        model.descriptor.dstd.copy_(torch.as_tensor(dstd, dtype=dtype))
+        model.fitting.bias_atom_e.copy_(torch.as_tensor(bias, dtype=dtype))
+
+
+def _lcurve_columns(has_valid: bool, has_virial: bool) -> list[str]:
+    cols = ["step"]
+    parts = ["rmse", "rmse_e", "rmse_f"] + (["rmse_v"] if has_virial else [])
+    for p in parts:
+        cols += ([f"{p}_val"] if has_valid else []) + [f"{p}_trn"]
+    return cols + ["lr"]
+
+
+def _write_lcurve(out_dir: Path, cfg: TrainConfig, rows: list[dict], columns: list[str]) -> None:
+    lines = [",".join(columns)]
+    for r in rows:
+        lines.append(",".join(str(r["step"]) if c == "step" else f"{r.get(c, float('nan')):.6e}" for c in columns))
+    write_text_atomic(out_dir / "lcurve.csv", "\n".join(lines) + "\n")
+    disp = cfg.training.disp_file
+    if disp and not disp.endswith(".csv"):
+        head = "#" + " ".join(f"{c:>12s}" for c in columns)
+        body = [" ".join(f"{r['step']:12d}" if c == "step" else f"{r.get(c, float('nan')):12.4e}" for c in columns) for r in rows]
+        write_text_atomic(out_dir / Path(disp).name, "\n".join([head] + body) + "\n")
+
+
+def evaluate_batches(model: DeepPot, batches: Sequence[Batch], pref) -> dict:
+    """Mean squared errors over fixed validation batches -> RMSEs."""
+    sums: dict[str, float] = {}
+    for b in batches:
+        pred = model.forward_rij(b.rij, b.nlist, b.atype, True, b.virial is not None, False)
+        _, m = energy_loss(pred, b.energy, b.force, b.virial, b.natoms, pref)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v * v
+    return {k: float(np.sqrt(v / len(batches))) for k, v in sums.items()}
+
+
+class _Progress:
+    """A rich progress bar on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, start: int, log: Callable[[str], None]):
+        self.log = log
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def advance(self, step: int, info: str | None = None) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, **({"info": info} if info else {}))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _checkpoint(path: Path, model: DeepPot, cfg: TrainConfig, opt: torch.optim.Optimizer, step: int, sampler: BatchSampler, rows: list, meta: dict) -> None:
+    data = {
+        "format_version": FORMAT_VERSION,
+        "kind": CHECKPOINT_KIND,
+        "model": model_to_dict(model, cfg.model, meta),
+        "optimizer": opt.state_dict(),
+        "step": int(step),
+        "sampler": sampler.state(),
+        "lcurve": plain(rows),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    init_model: str | os.PathLike | None = None,
+    restart: str | os.PathLike | None = None,
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train a model as configured; returns the path of ``model.pt``."""
+    t_launch = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    threads = configure_torch(threads if threads is not None else cfg.training.threads)
+    seed = cfg.seed
+    type_map = list(cfg.model.type_map)
+    train_raw = load_systems(cfg.training.training_data, type_map, "training.training_data")
+    valid_raw = load_systems(cfg.training.validation_data, type_map, "training.validation_data") if cfg.training.validation_data else []
+
+    ckpt = None
+    if restart is not None:
+        ckpt = read_model_file(restart, kind=CHECKPOINT_KIND)
+        model, _ = model_from_dict(ckpt["model"], str(restart))
+        sel = model.sel
+    elif init_model is not None:
+        init = read_model_file(init_model)
+        model, init_cfg = model_from_dict(init, str(init_model))
+        if list(model.type_map) != type_map:
+            raise ModelFileError(f"type_map {model.type_map} differs from the config's {type_map}", path=init_model, key="type_map")
+        if to_dict(init_cfg.descriptor) | {"sel": None, "seed": None} != to_dict(cfg.model.descriptor) | {"sel": None, "seed": None} or to_dict(init_cfg.fitting_net) | {"seed": None} != to_dict(cfg.model.fitting_net) | {"seed": None}:
+            raise ModelFileError("architecture differs from the config's model section; warm start needs the same descriptor and fitting_net", path=init_model, key="config")
+        sel = model.sel
+    else:
+        sel = resolve_sel(cfg.model, train_raw)
+        model = DeepPot(cfg.model, sel=sel, seed=seed)
+    t0 = time.perf_counter()
+    systems = [TrainSystem(ds, src, type_map, cfg.model.descriptor.rcut, sel) for ds, src in train_raw]
+    valid = [TrainSystem(ds, src, type_map, cfg.model.descriptor.rcut, sel) for ds, src in valid_raw]
+    log(f"data: {len(systems)} training systems ({sum(s.nframes for s in systems)} frames), {len(valid)} validation systems; sel {sel}; neighbour lists in {time.perf_counter() - t0:.1f} s")
+    if restart is None and init_model is None:
+        compute_statistics(model, cfg.model, systems, seed)
+    model.train()
+
+    numb_steps = cfg.training.numb_steps
+    lr_sched = ExpDecay.from_config(cfg.learning_rate, numb_steps)
+    batch_sizes = [resolve_batch_size(cfg.training.training_data.batch_size, s.natoms, k) for k, s in enumerate(systems)]
+    sampler = BatchSampler(systems, batch_sizes, seed, cfg.training.training_data.auto_prob)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr_sched(0))
+    rows: list[dict] = []
+    start = 0
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        sampler.load_state(ckpt["sampler"])
+        rows = list(ckpt["lcurve"])
+        start = int(ckpt["step"])
+        log(f"restart from {restart} at step {start}")
+
+    valid_batches: list[Batch] = []
+    if valid:
+        vcfg = cfg.training.validation_data
+        vbs = [resolve_batch_size(vcfg.batch_size, s.natoms, k) for k, s in enumerate(valid)]
+        vsampler = BatchSampler(valid, vbs, seed + 1, vcfg.auto_prob)
+        valid_batches = [valid[k].batch(f) for k, f in (vsampler.next(i) for i in range(vcfg.numb_btch))]
+    has_virial = any(s.virial is not None for s in systems)
+    columns = _lcurve_columns(bool(valid_batches), has_virial)
+    meta = {
+        "dpelt_version": __version__,
+        "torch_version": str(torch.__version__),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": threads,
+        "seed": seed,
+        "numb_steps": numb_steps,
+        "training_data_sha256": [content_sha256(ds) for ds, _ in train_raw],
+        "init_model": None if init_model is None else "warm start",
+    }
+    write_json_atomic(out_dir / "input.json", to_dict(cfg) | {"model": to_dict(cfg.model) | {"descriptor": to_dict(cfg.model.descriptor) | {"sel": list(sel)}}})
+
+    progress = _Progress(numb_steps, start, log)
+    log(f"start training: {numb_steps} steps, {threads} threads, {sum(p.numel() for p in params)} parameters, {time.perf_counter() - t_launch:.1f} s after launch")
+    t_last, step_last = time.perf_counter(), start
+    try:
+        for step in range(start, numb_steps):
+            lr = lr_sched(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            pref = prefactors(cfg.loss, lr, cfg.learning_rate.start_lr)
+            k, frames = sampler.next(step)
+            b = systems[k].batch(frames)
+            pred = model.forward_rij(b.rij, b.nlist, b.atype, True, b.virial is not None and pref.v > 0, True)
+            loss, trn = energy_loss(pred, b.energy, b.force, b.virial if pref.v > 0 else None, b.natoms, pref)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step + 1} (system {systems[k].source}); lower start_lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done = step + 1
+            if done == 1 or done % cfg.training.disp_freq == 0 or done == numb_steps:
+                row = {"step": done, "lr": lr}
+                row.update({f"{k2}_trn": v for k2, v in trn.items()})
+                if valid_batches:
+                    row.update({f"{k2}_val": v for k2, v in evaluate_batches(model, valid_batches, pref).items()})
+                rows.append(row)
+                _write_lcurve(out_dir, cfg, rows, columns)
+                now = time.perf_counter()
+                rate = (done - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, done
+                which = "val" if valid_batches else "trn"
+                info = f"rmse_e_{which} {row[f'rmse_e_{which}']:.3e} eV/atom  rmse_f_{which} {row[f'rmse_f_{which}']:.3e} eV/Å  lr {lr:.2e}  {rate:.2f} steps/s"
+                if progress.bar is None:
+                    log(f"step {done}/{numb_steps}  {info}")
+                progress.advance(done, info)
+            else:
+                progress.advance(done)
+            if done % cfg.training.save_freq == 0 and done < numb_steps:
+                _checkpoint(out_dir / "checkpoint.pt", model, cfg, opt, done, sampler, rows, meta)
+    finally:
+        progress.close()
+    model.eval()
+    _checkpoint(out_dir / "checkpoint.pt", model, cfg, opt, numb_steps, sampler, rows, meta)
+    path = save_model(model, cfg.model, out_dir / "model.pt", meta)
+    if not rows:
+        _write_lcurve(out_dir, cfg, rows, columns)
+    log(f"wrote {path} ({time.perf_counter() - t_launch:.1f} s in all)")
+    return path

@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny models, random periodic systems, the shared water data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.model.config import parse_model_config
+from pipeline.model.deeppot import DeepPot
+
+torch.set_num_threads(int(os.environ.get("DPELT_TEST_THREADS", "2")))
+
+WATER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "water"
+
+
+@pytest.fixture
+def water_dir() -> Path:
+    """DeePMD-kit's water example data (../shared/data/water), or skip."""
+    if not (WATER / "data_0" / "type.raw").exists():
+        pytest.skip(f"shared water data not found at {WATER} (it lives beside the checkout in ../shared)")
+    return WATER
+
+
+def tiny_model_config(type_one_side: bool = False, precision: str = "float64", sel=(24, 24), rcut: float = 4.0, rcut_smth: float = 1.5, **descr):
+    d = {"sel": list(sel), "rcut": rcut, "rcut_smth": rcut_smth, "neuron": [4, 8, 16], "axis_neuron": 4, "type_one_side": type_one_side, "precision": precision, "seed": 3} | descr
+    return parse_model_config({"type_map": ["A", "B"], "descriptor": d, "fitting_net": {"neuron": [16, 16], "precision": precision, "seed": 4}})
+
+
+def randomize_stats(model: DeepPot, seed: int = 0) -> DeepPot:
+    """Give the statistics non-trivial values so tests exercise normalisation and bias."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        d = model.descriptor
+        for ti in range(d.ntypes):
+            for tj in range(d.ntypes):
+                sl = slice(d.sec[tj], d.sec[tj + 1])
+                d.davg[ti, sl, 0] = 0.2 + 0.1 * torch.rand((), generator=g)
+                d.dstd[ti, sl, 0] = 0.1 + 0.1 * torch.rand((), generator=g)
+                d.dstd[ti, sl, 1:] = 0.05 + 0.1 * torch.rand((), generator=g)
+        model.fitting.bias_atom_e.copy_(torch.tensor([-1.5, -2.5]))
+    return model
+
+
+@pytest.fixture
+def tiny_model() -> DeepPot:
+    return randomize_stats(DeepPot(tiny_model_config()))
+
+
+def random_system(n: int = 12, seed: int = 0, cell_scale: float = 5.0, triclinic: bool = True):
+    """Random periodic two-type system that keeps atoms apart (min distance ~1 Å)."""
+    rng = np.random.default_rng(seed)
+    cell = np.eye(3) * cell_scale
+    if triclinic:
+        cell = cell + np.array([[0.0, 0.0, 0.0], [0.8, 0.0, 0.0], [0.4, -0.6, 0.0]])
+    frac = []
+    while len(frac) < n:
+        f = rng.random(3)
+        trial = np.array(frac + [f]) @ cell
+        ok = True
+        for p in frac:
+            d = (f - p) - np.round(f - p)
+            if np.linalg.norm(d @ cell) < 1.1:
+                ok = False
+                break
+        if ok:
+            frac.append(f)
+    pos = np.array(frac) @ cell
+    atype = rng.integers(0, 2, n)
+    atype[:2] = [0, 1]
+    return pos, cell, atype
+
+
+def run_model(model: DeepPot, pos, cell, atype, pbc=(True, True, True), counts_full: bool = False) -> dict:
+    """Energy (eV), forces (eV/Å), virial (eV), atomic energies for one frame, as numpy."""
+    from pipeline.model.inputs import frame_inputs
+
+    rij, nlist, _ = frame_inputs(np.asarray(pos)[None], np.asarray(cell)[None], pbc, np.asarray(atype), model.rcut, model.sel, model.type_map)
+    if counts_full:
+        rij = rij.requires_grad_(True)
+        ae = model.atomic_energy(rij, torch.from_numpy(np.asarray(atype)), None)
+        return {"energy": float(ae.sum().detach()), "atom_energy": ae[0].detach().numpy()}
+    out = model.forward_rij(rij, nlist, torch.from_numpy(np.asarray(atype)))
+    return {"energy": float(out["energy"][0].detach()), "force": out["force"][0].detach().numpy(), "virial": out["virial"][0].detach().numpy(), "atom_energy": out["atom_energy"][0].detach().numpy()}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` run with DPELT_RUN_SLOW=1 (``make test-all``), not in CI."""
+    if os.environ.get("DPELT_RUN_SLOW") or not os.environ.get("CI"):
+        return
+    skip = pytest.mark.skip(reason="slow test: skipped when CI=true; run with `make test-all`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
