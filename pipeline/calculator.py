@@ -68,7 +68,7 @@ class DeepPotCalculator(Calculator):
                 warnings.warn(f"an atom has more neighbours than sel allows ({overflow} beyond sel); the nearest are kept", stacklevel=2)
             self.overflow_frames += 1
         out = self.model.forward_rij(rij, nlist, torch.from_numpy(atype), True, bool(pbc.all()), False)
-        energy = float(out["energy"][0])
+        energy = float(out["energy"][0].detach())
         self.results["energy"] = energy
         self.results["free_energy"] = energy
         self.results["energies"] = out["atom_energy"][0].detach().numpy().copy()

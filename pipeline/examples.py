@@ -14,7 +14,7 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 
 from .data.ase_io import atoms_to_frames
 from .units import fs_to_ase_time
@@ -42,7 +42,7 @@ def emt_bulk_frames(
         atoms = bulk(symbol, "fcc", cubic=True).repeat(tuple(repeat))
         atoms.set_cell(atoms.cell.array * (1.0 + rng.uniform(-strain, strain)), scale_atoms=True)
         atoms.calc = EMT()
-        MaxwellBoltzmannDistribution(atoms, temperature_K=T, rng=rng)
+        thermalize_momenta(atoms, temperature_K=T, rng=rng)
         dyn = Langevin(atoms, timestep=fs_to_ase_time(timestep_fs), temperature_K=T, friction=0.02, fixcm=False, rng=rng)
         for step in range(frames_per_temperature):
             dyn.run(stride)

@@ -116,7 +116,9 @@ def parse_test(lines) -> dict:
             "test_rmse_f_eV_per_A": r"Force\s+RMSE\s*:\s*(\S+)",
             "test_mae_f_eV_per_A": r"Force\s+MAE\s*:\s*(\S+)",
             "test_frames": r"number of test data\s*:\s*(\d+)"}
-    return {k: float(re.findall(p, text)[-1]) for k, p in keys.items()}
+    out = {k: float(re.findall(p, text)[-1]) for k, p in keys.items()}
+    out["test_frames"] = int(out["test_frames"])
+    return out
 
 
 def bench_inference(model: Path, system: Path, n_calls: int, n_md: int) -> dict:
@@ -124,7 +126,10 @@ def bench_inference(model: Path, system: Path, n_calls: int, n_md: int) -> dict:
     import torch
     import deepmd
     from ase import Atoms, units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    try:  # Maxwell-Boltzmann momenta; MaxwellBoltzmannDistribution is deprecated in ASE 3.29
+        from ase.md.velocitydistribution import thermalize_momenta
+    except ImportError:
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
     from ase.md.verlet import VelocityVerlet
     from deepmd.calculator import DP as DPCalculator
     from deepmd.infer import DeepPot
@@ -148,7 +153,7 @@ def bench_inference(model: Path, system: Path, n_calls: int, n_md: int) -> dict:
     atoms = Atoms([type_map[i] for i in atype], positions=coord.reshape(-1, 3),
                   cell=box.reshape(3, 3), pbc=True)
     atoms.calc = DPCalculator(str(model))
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(SEED))
+    thermalize_momenta(atoms, temperature_K=300, rng=np.random.default_rng(SEED))
     md = VelocityVerlet(atoms, timestep=0.5 * units.fs)
     md.run(WARMUP)
     e_start = atoms.get_total_energy()
@@ -204,7 +209,8 @@ def main():
     cfg = make_input(json.loads(args.example.read_text()), data, args.steps)
     (work / "input.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
-    res = {"threads": args.threads, "train_steps": args.steps,
+    res = {"threads": args.threads, "loadavg_1min_before": os.getloadavg()[0],
+           "train_steps": args.steps,
            "train_decay_steps": cfg["learning_rate"]["decay_steps"],
            "train_disp_freq": cfg["training"]["disp_freq"]}
 
@@ -229,6 +235,7 @@ def main():
     res.update(bench_inference(work / "model.pth", data / "data_3",
                                args.infer_calls, args.md_steps))
 
+    res["loadavg_1min_after"] = os.getloadavg()[0]  # > threads means other jobs competed
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
     tmp.write_text(json.dumps(res, indent=2) + "\n")

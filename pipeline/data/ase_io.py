@@ -87,6 +87,7 @@ def atoms_to_frames(images: Sequence[ase.Atoms], type_map: Sequence[str] | None 
                 energy=energy,
                 force=force,
                 virial=virial,
+                source=source,
                 **prov,
             )
         )
@@ -125,9 +126,12 @@ def frames_to_atoms(ds: xr.Dataset) -> list[ase.Atoms]:
             kw["stress"] = full_3x3_to_voigt_6_stress(-ds["virial"].values[f] / atoms.get_volume())
         if kw:
             atoms.calc = SinglePointCalculator(atoms, **kw)
-        for name in PROVENANCE:
+        for name, (_, fill) in PROVENANCE.items():
             value = ds[name].values[f]
-            atoms.info[name] = value.item() if hasattr(value, "item") else str(value)
+            value = value.item() if hasattr(value, "item") else str(value)
+            unknown = value == fill or (isinstance(value, float) and np.isnan(value)) or value == ""
+            if not unknown:  # extxyz cannot hold an empty string; absent means unknown
+                atoms.info[name] = value
         out.append(atoms)
     return out
 

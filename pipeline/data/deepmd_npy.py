@@ -124,6 +124,7 @@ def read_deepmd_system(path: str | os.PathLike, type_map: Sequence[str] | None =
         force=join(forces, "force", (natoms, 3)),
         virial=join(virials, "virial", (3, 3)),
         source_task=[str(path)] * nf_total,
+        source=str(path),
     )
     if type_map is not None and list(type_map) != own_map:
         ds = remap_types(ds, type_map, source=str(path))

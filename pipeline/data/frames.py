@@ -55,6 +55,7 @@ def make_frames(
     energy: np.ndarray | None = None,
     force: np.ndarray | None = None,
     virial: np.ndarray | None = None,
+    source: str = "<arrays>",
     **provenance: Iterable,
 ) -> xr.Dataset:
     """Build a validated system dataset from arrays.
@@ -67,6 +68,7 @@ def make_frames(
     type_map : element symbols, e.g. ``["O", "H"]``.
     pbc : periodicity along each cell vector.
     energy, force, virial : labels in eV, eV/Å, eV (optional).
+    source : file named in validation errors.
     provenance : per-frame values for the keys of :data:`PROVENANCE`.
     """
     coord = np.asarray(coord, dtype=np.float64)
@@ -103,7 +105,7 @@ def make_frames(
     if provenance:
         raise DataError(f"unknown provenance keys {sorted(provenance)}; known: {sorted(PROVENANCE)}")
     ds = xr.Dataset(data_vars, coords=coords, attrs={"dpelt_schema": SCHEMA_VERSION})
-    return validate_frames(ds, "<arrays>")
+    return validate_frames(ds, source)
 
 
 def type_map_of(ds: xr.Dataset) -> list[str]:

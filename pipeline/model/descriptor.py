@@ -74,16 +74,11 @@ class DescriptorSeA(nn.Module):
         s_secs = torch.split(s_n, counts, dim=1)
         r_secs = torch.split(rr, counts, dim=1)
         for k, net in enumerate(self.embeddings):
-            if self.type_one_side:
-                tj = k
-            else:
-                if k // self.ntypes != centre_type:
-                    continue
-                tj = k % self.ntypes
-            if counts[tj] == 0:
-                continue
-            g_t = net(s_secs[tj])  # [n, c_t, M1]
-            out = out + torch.matmul(r_secs[tj].transpose(1, 2), g_t)  # [n, 4, M1]
+            tj = k if self.type_one_side else k % self.ntypes
+            mine = self.type_one_side or k // self.ntypes == centre_type
+            if mine and counts[tj] > 0:
+                g_t = net(s_secs[tj])  # [n, c_t, M1]
+                out = out + torch.matmul(r_secs[tj].transpose(1, 2), g_t)  # [n, 4, M1]
         return out
 
     def _padding_sums(self, counts: List[int]) -> torch.Tensor:
@@ -97,16 +92,15 @@ class DescriptorSeA(nn.Module):
         for k, net in enumerate(self.embeddings):
             tj = k if self.type_one_side else k % self.ntypes
             lo, hi = self.sec[tj] + counts[tj], self.sec[tj + 1]
-            if lo == hi:
-                continue
-            rows = pad[:, lo:hi, :]  # [ntypes, n_pad, 4]
-            g = net(rows[:, :, :1])  # [ntypes, n_pad, M1]
-            t = torch.matmul(rows.transpose(1, 2), g)  # [ntypes, 4, M1]
-            if self.type_one_side:
-                out = out + t
-            else:
-                ti = k // self.ntypes
-                out[ti] = out[ti] + t[ti]
+            if hi > lo:
+                rows = pad[:, lo:hi, :]  # [ntypes, n_pad, 4]
+                g = net(rows[:, :, :1])  # [ntypes, n_pad, M1]
+                t = torch.matmul(rows.transpose(1, 2), g)  # [ntypes, 4, M1]
+                if self.type_one_side:
+                    out = out + t
+                else:
+                    ti = k // self.ntypes
+                    out[ti] = out[ti] + t[ti]
         return out
 
     def forward(self, rij: torch.Tensor, atype: torch.Tensor, counts: Optional[List[int]] = None) -> torch.Tensor:

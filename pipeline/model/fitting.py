@@ -37,8 +37,7 @@ class EnergyFitting(nn.Module):
         out = torch.zeros(nf, nloc, dtype=descriptor.dtype, device=descriptor.device)
         for t, net in enumerate(self.nets):
             idx = torch.nonzero(atype == t).squeeze(1)
-            if idx.numel() == 0:
-                continue
-            e_t = net(descriptor.index_select(1, idx)).squeeze(-1) + self.bias_atom_e[t]  # [nf, n_t]
-            out = out.index_copy(1, idx, e_t)
+            if idx.numel() > 0:
+                e_t = net(descriptor.index_select(1, idx)).squeeze(-1) + self.bias_atom_e[t]  # [nf, n_t]
+                out = out.index_copy(1, idx, e_t)
         return out

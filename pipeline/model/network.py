@@ -31,7 +31,8 @@ class DenseLayer(nn.Module):
         super().__init__()
         std = 1.0 / math.sqrt(n_in + n_out)
         self.weight = nn.Parameter(torch.randn(n_in, n_out, generator=generator, dtype=dtype) * std)
-        self.bias = nn.Parameter(torch.randn(n_out, generator=generator, dtype=dtype) * bias_std)
+        bias = torch.randn(n_out, generator=generator, dtype=dtype) * bias_std
+        self.bias = nn.Parameter(bias if activation else torch.zeros_like(bias))  # output layer starts unbiased
         self.activation = activation
         self.shortcut = 0
         if resnet and activation and n_out == n_in:

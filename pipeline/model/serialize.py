@@ -7,8 +7,10 @@ holds tensors and plain data only, so loading one never executes code from it. A
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +68,20 @@ def model_to_dict(model: DeepPot, config, metadata: dict | None = None) -> dict:
 
 def save_model(model: DeepPot, config, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write a model file atomically."""
+    return save_torch(model_to_dict(model, config, metadata), path)
+
+
+def save_torch(data: dict, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically and byte-for-byte reproducibly.
+
+    (``torch.save`` names the archive after the file; saving through a buffer keeps the
+    bytes independent of the temporary file name.)
+    """
     path = Path(path)
+    buf = io.BytesIO()
+    torch.save(data, buf)
     with atomic_path(path) as tmp:
-        torch.save(model_to_dict(model, config, metadata), tmp)
+        tmp.write_bytes(buf.getvalue())
     return path
 
 
@@ -126,7 +139,9 @@ def load_model(path: str | os.PathLike) -> DeepPot:
 def freeze_model(model: DeepPot, path: str | os.PathLike) -> Path:
     """Write a TorchScript version of ``model`` (same outputs as eager)."""
     path = Path(path)
-    scripted = torch.jit.script(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(model)
     with atomic_path(path) as tmp:
         torch.jit.save(scripted, str(tmp), _extra_files={"type_map": " ".join(model.type_map), "rcut": str(model.rcut), "sel": " ".join(map(str, model.sel))})
     return path

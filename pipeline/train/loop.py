@@ -23,10 +23,10 @@ from ..config import to_dict
 from ..data.io import read_systems
 from ..data.netcdf import content_sha256
 from ..errors import ConfigError, DataError, ModelFileError
-from ..fileio import atomic_path, write_json_atomic, write_text_atomic
+from ..fileio import write_json_atomic, write_text_atomic
 from ..model.config import ModelConfig
 from ..model.deeppot import DeepPot
-from ..model.serialize import FORMAT_VERSION, model_from_dict, model_to_dict, plain, read_model_file, save_model
+from ..model.serialize import FORMAT_VERSION, model_from_dict, model_to_dict, plain, read_model_file, save_model, save_torch
 from ..model.stats import EnvStatAccumulator, auto_sel, fit_energy_bias
 from ..runtime import configure_torch
 from .config import DataConfig, TrainConfig
@@ -145,8 +145,7 @@ def _checkpoint(path: Path, model: DeepPot, cfg: TrainConfig, opt: torch.optim.O
         "sampler": sampler.state(),
         "lcurve": plain(rows),
     }
-    with atomic_path(path) as tmp:
-        torch.save(data, tmp)
+    save_torch(data, path)
 
 
 def train(

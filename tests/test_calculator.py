@@ -1,0 +1,58 @@
+"""The ASE calculator: forces and stress consistent with the energy; errors for unknown elements."""
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk
+
+from conftest import randomize_stats, tiny_model_config
+from pipeline.calculator import DeepPotCalculator
+from pipeline.errors import DpeltError
+from pipeline.model.deeppot import DeepPot
+
+
+def he_model():
+    model = randomize_stats(DeepPot(tiny_model_config(type_one_side=True, sel=(40, 40))))
+    model.type_map = ["H", "He"]
+    return model
+
+
+@pytest.fixture
+def calc():
+    return DeepPotCalculator(he_model(), threads=1)
+
+
+def alloy(seed=0):
+    atoms = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 2, 1))
+    rng = np.random.default_rng(seed)
+    atoms.set_chemical_symbols(["H" if x else "He" for x in rng.random(len(atoms)) < 0.5])
+    atoms.rattle(0.05, rng=rng)
+    atoms.set_cell(atoms.cell.array @ np.array([[1.0, 0.05, 0.0], [0.0, 1.0, 0.03], [0.0, 0.0, 1.0]]), scale_atoms=True)
+    return atoms
+
+
+def test_forces_and_stress_match_numerical_derivatives(calc):
+    atoms = alloy()
+    atoms.calc = calc
+    forces = atoms.get_forces()
+    from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+
+    numeric = calculate_numerical_forces(atoms, eps=1e-5)
+    assert np.abs(forces).max() > 1e-3
+    np.testing.assert_allclose(forces, numeric, atol=1e-7)
+    stress = atoms.get_stress()
+    np.testing.assert_allclose(stress, calculate_numerical_stress(atoms, eps=1e-5), atol=1e-8)
+    assert atoms.get_potential_energy() == pytest.approx(atoms.get_potential_energies().sum(), abs=1e-10)
+    assert atoms.get_potential_energy(force_consistent=True) == atoms.get_potential_energy()
+
+
+def test_unknown_element_and_free_cluster(calc):
+    with pytest.raises(DpeltError, match=r"elements \['Xe'\] are not in the model's type_map"):
+        Atoms("Xe2", positions=[[0, 0, 0], [0, 0, 2]], calculator=calc).get_potential_energy()
+    mol = Atoms("HHe", positions=[[0, 0, 0], [0, 0, 1.8]], calculator=calc)
+    f = mol.get_forces()
+    np.testing.assert_allclose(f.sum(0), 0.0, atol=1e-12)
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    with pytest.raises(PropertyNotImplementedError):
+        mol.get_stress()

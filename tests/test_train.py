@@ -1,0 +1,211 @@
+"""Training: it learns, it is reproducible bit for bit, it resumes exactly; DeePMD-kit inputs."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data.netcdf import write_frames
+from pipeline.errors import ConfigError, ModelFileError
+from pipeline.examples import emt_bulk_frames
+from pipeline.train.config import LearningRateConfig, LossConfig, load_train_config, parse_train_config
+from pipeline.train.loop import train
+from pipeline.train.loss import prefactors
+from pipeline.train.lr import ExpDecay
+
+REFERENCE_INPUT = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "deepmd-water-se_e2_a.input.json"
+
+
+@pytest.fixture(scope="session")
+def emt_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("emt")
+    write_frames(d / "train.nc", emt_bulk_frames("Cu", repeat=(2, 2, 2), temperatures_K=(300, 900), frames_per_temperature=12, seed=1))
+    write_frames(d / "valid.nc", emt_bulk_frames("Cu", repeat=(2, 2, 2), temperatures_K=(600,), frames_per_temperature=6, seed=2))
+    return d
+
+
+def tiny_config(data: Path, steps: int = 60, seed: int = 10, **training):
+    return parse_train_config(
+        {
+            "model": {
+                "type_map": ["Cu"],
+                "descriptor": {"sel": "auto", "rcut": 4.5, "rcut_smth": 2.0, "neuron": [4, 8], "axis_neuron": 4, "type_one_side": True},
+                "fitting_net": {"neuron": [16, 16]},
+            },
+            "learning_rate": {"start_lr": 2e-2, "stop_lr": 1e-4, "decay_steps": 10},
+            "loss": {"start_pref_v": 0.02, "limit_pref_v": 1.0},
+            "training": {
+                "training_data": {"systems": [str(data / "train.nc")]},
+                "validation_data": {"systems": [str(data / "valid.nc")], "numb_btch": 3},
+                "numb_steps": steps,
+                "seed": seed,
+                "disp_freq": 20,
+                "save_freq": 20,
+                "threads": 2,
+            }
+            | training,
+        }
+    )
+
+
+def read_lcurve(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    cols = lines[0].split(",")
+    return [dict(zip(cols, map(float, line.split(",")))) for line in lines[1:]]
+
+
+def test_training_lowers_validation_error(tmp_path, emt_data):
+    model = train(tiny_config(emt_data, steps=120), tmp_path, log=lambda s: None)
+    rows = read_lcurve(tmp_path / "lcurve.csv")
+    assert [r["step"] for r in rows] == [1, 20, 40, 60, 80, 100, 120]
+    assert rows[-1]["rmse_f_val"] < 0.7 * rows[0]["rmse_f_val"]
+    assert rows[-1]["rmse_e_val"] < rows[0]["rmse_e_val"]
+    assert "rmse_v_val" in rows[0]
+    assert model.exists() and (tmp_path / "checkpoint.pt").exists() and (tmp_path / "lcurve.out").exists()
+    resolved = json.loads((tmp_path / "input.json").read_text())
+    assert isinstance(resolved["model"]["descriptor"]["sel"], list)  # 'auto' resolved
+
+
+def test_same_seed_gives_identical_model_bytes(tmp_path, emt_data):
+    a = train(tiny_config(emt_data, steps=30), tmp_path / "a", log=lambda s: None).read_bytes()
+    b = train(tiny_config(emt_data, steps=30), tmp_path / "b", log=lambda s: None).read_bytes()
+    c = train(tiny_config(emt_data, steps=30, seed=11), tmp_path / "c", log=lambda s: None).read_bytes()
+    assert a == b
+    assert a != c
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, emt_data):
+    full = train(tiny_config(emt_data, steps=60), tmp_path / "full", log=lambda s: None)
+    # run the first 40 steps of the same schedule: stop after the checkpoint at step 40
+    part_dir = tmp_path / "part"
+    cfg = tiny_config(emt_data, steps=60)
+    import pipeline.train.loop as loop
+
+    class Stop(Exception):
+        pass
+
+    real = loop._checkpoint
+
+    def stop_at_40(path, model, cfg_, opt, step, *args):
+        real(path, model, cfg_, opt, step, *args)
+        if step == 40:
+            raise Stop
+
+    loop._checkpoint = stop_at_40
+    try:
+        with pytest.raises(Stop):
+            train(cfg, part_dir, log=lambda s: None)
+    finally:
+        loop._checkpoint = real
+    assert not (part_dir / "model.pt").exists()
+    resumed = train(cfg, part_dir, restart=part_dir / "checkpoint.pt", log=lambda s: None)
+    assert resumed.read_bytes() == full.read_bytes()
+    assert (part_dir / "lcurve.csv").read_text() == (tmp_path / "full" / "lcurve.csv").read_text()
+
+
+def test_warm_start_starts_from_the_old_model(tmp_path, emt_data):
+    first = train(tiny_config(emt_data, steps=120), tmp_path / "first", log=lambda s: None)
+    cold = read_lcurve(tmp_path / "first" / "lcurve.csv")[0]
+    train(tiny_config(emt_data, steps=1), tmp_path / "warm", init_model=first, log=lambda s: None)
+    warm = read_lcurve(tmp_path / "warm" / "lcurve.csv")[0]
+    assert warm["rmse_f_val"] < 0.8 * cold["rmse_f_val"]
+    other = replace(tiny_config(emt_data, steps=1), model=replace(tiny_config(emt_data).model, type_map=("Au",)))
+    with pytest.raises((ModelFileError, Exception)):
+        train(other, tmp_path / "bad", init_model=first, log=lambda s: None)
+
+
+def test_learning_rate_and_prefactors_follow_deepmd():
+    lr = ExpDecay.from_config(LearningRateConfig(start_lr=1e-3, stop_lr=1e-7, decay_steps=100), numb_steps=1000)
+    assert lr(0) == 1e-3 and lr(99) == 1e-3
+    assert lr(100) == pytest.approx(1e-3 * (1e-4) ** 0.1)
+    assert lr(1000) == pytest.approx(1e-7)
+    p = prefactors(LossConfig(start_pref_e=0.02, limit_pref_e=1.0, start_pref_f=1000, limit_pref_f=1.0), lr=1e-3, start_lr=1e-3)
+    assert (p.e, p.f) == pytest.approx((0.02, 1000))
+    p = prefactors(LossConfig(start_pref_e=0.02, limit_pref_e=1.0, start_pref_f=1000, limit_pref_f=1.0), lr=0.0, start_lr=1e-3)
+    assert (p.e, p.f) == pytest.approx((1.0, 1.0))
+    # decay_steps longer than the run is shortened so the rate still decays to stop_lr
+    short = ExpDecay.from_config(LearningRateConfig(start_lr=1e-3, stop_lr=1e-7, decay_steps=5000), numb_steps=300)
+    assert short(300) == pytest.approx(1e-7)
+
+
+def test_deepmd_input_json_is_accepted(tmp_path):
+    if not REFERENCE_INPUT.exists():
+        pytest.skip(f"{REFERENCE_INPUT} not found (../shared is beside the checkout)")
+    cfg = load_train_config(REFERENCE_INPUT)
+    d = cfg.model.descriptor
+    assert (d.rcut, d.rcut_smth, list(d.sel), list(d.neuron), d.axis_neuron, d.type_one_side) == (6.0, 0.5, [46, 92], [25, 50, 100], 16, True)
+    assert list(cfg.model.fitting_net.neuron) == [240, 240, 240] and cfg.model.fitting_net.resnet_dt
+    assert cfg.training.numb_steps == 1000000 and cfg.loss.start_pref_f == 1000
+    assert cfg.training.training_data.system_list[0].endswith("data/data_0")
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"model": {"descriptor": {"rcutt": 6.0}}}, r"\[model.descriptor.rcutt\]: unknown key"),
+        ({"model": {"descriptor": {"type": "se_atten"}}}, r"\[model.descriptor.type\]: descriptor type 'se_atten' is not supported"),
+        ({"model": {"descriptor": {"exclude_types": [[0, 1]]}}}, r"\[model.descriptor.exclude_types\]: dpelt does not implement"),
+        ({"model": {"descriptor": {"activation_function": "gelu"}}}, r"\[model.descriptor.activation_function\]: dpelt does not implement"),
+        ({"model": {"fitting_net": {"numb_fparam": 2}}}, r"\[model.fitting_net.numb_fparam\]"),
+        ({"model": {"descriptor": {"sel": [10]}}}, r"\[model.descriptor.sel\]: sel has 1 entries but type_map has 2"),
+        ({"model": {"descriptor": {"rcut_smth": 7.0}}}, r"\[model.descriptor.rcut_smth\]: need 0 <= rcut_smth < rcut"),
+        ({"model": {"descriptor": {"neuron": "big"}}}, r"\[model.descriptor.neuron\]: expected list of int"),
+        ({"learning_rate": {"type": "cosine"}}, r"\[learning_rate.type\]"),
+        ({"loss": {"start_pref_f": -1}}, r"\[loss.start_pref_f\]: prefactors must be >= 0"),
+        ({"training": {"numb_steps": "many"}}, r"\[training.numb_steps\]: expected int"),
+        ({"training": {"training_data": {"batch_size": "huge"}}}, r"\[training.training_data.batch_size\]"),
+    ],
+)
+def test_bad_training_inputs_name_the_key(patch, message):
+    base = {
+        "model": {"type_map": ["O", "H"], "descriptor": {"sel": [4, 8]}, "fitting_net": {}},
+        "learning_rate": {},
+        "loss": {},
+        "training": {"training_data": {"systems": ["x"]}},
+    }
+
+    def merge(a, b):
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = merge(a.get(k, {}), v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+        return out
+
+    with pytest.raises(ConfigError, match=message):
+        parse_train_config(merge(base, patch), source="input.json")
+
+
+def test_train_cli_then_test_cli(tmp_path, emt_data, capsys):
+    import yaml
+
+    from pipeline.cli import main
+
+    cfg = {
+        "model": {"type_map": ["Cu"], "descriptor": {"sel": [60], "rcut": 4.5, "rcut_smth": 2.0, "neuron": [4, 8], "axis_neuron": 4}, "fitting_net": {"neuron": [8]}},
+        "training": {"training_data": {"systems": ["train.nc"]}, "numb_steps": 5, "disp_freq": 5, "save_freq": 5, "threads": 1},
+    }
+    for name in ("train.nc", "valid.nc"):
+        (tmp_path / name).write_bytes((emt_data / name).read_bytes())
+    (tmp_path / "in.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "in.yaml"), "-o", str(tmp_path / "out")]) == 0
+    assert main(["test", "-m", str(tmp_path / "out/model.pt"), "-s", str(tmp_path / "valid.nc"), "-o", str(tmp_path / "t.json"), "--plot", str(tmp_path / "p.png")]) == 0
+    result = json.loads((tmp_path / "t.json").read_text())
+    o = result["overall"]
+    assert o["nframes"] == 6 and o["force_rmse"] > 0 and "virial_rmse_per_atom" in o
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert "energy RMSE" in capsys.readouterr().out
+    # a bad input gives one line naming file and key, exit status 2
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg | {"model": cfg["model"] | {"descriptor": {"rcutt": 1}}}))
+    assert main(["train", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml [model.descriptor.rcutt]: unknown key" in err and "Traceback" not in err
+
+
+def test_sel_too_small_for_training_data_is_refused(tmp_path, emt_data):
+    from pipeline.errors import NeighborOverflowError
+
+    cfg = tiny_config(emt_data, steps=1)
+    cfg = replace(cfg, model=replace(cfg.model, descriptor=replace(cfg.model.descriptor, sel=(5,))))
+    with pytest.raises(NeighborOverflowError, match=r"train\.nc frame 0: atom \d+ has \d+ neighbours of type Cu"):
+        train(cfg, tmp_path, log=lambda s: None)
