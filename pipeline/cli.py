@@ -28,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if args.seed is not None:
         t = replace(t, seed=args.seed)
     cfg = replace(cfg, training=t)
-    train(cfg, args.output, init_model=args.init_model, restart=args.restart, threads=args.threads)
+    train(cfg, args.output, init_model=args.init_model, restart=args.restart, threads=args.threads, timing=args.timing)
 
 
 def _cmd_freeze(args: argparse.Namespace) -> None:
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, help="torch threads (default: training.threads, $DPELT_THREADS or all)")
     t.add_argument("--seed", type=int, help="override training.seed")
     t.add_argument("--steps", type=int, help="override training.numb_steps")
+    t.add_argument("--timing", help="write wall-clock figures (start-up, steps/s) as JSON to this file")
     t.set_defaults(func=_cmd_train)
 
     f = sub.add_parser("freeze", help="export a model file as TorchScript")

@@ -209,3 +209,23 @@ def test_sel_too_small_for_training_data_is_refused(tmp_path, emt_data):
     cfg = replace(cfg, model=replace(cfg.model, descriptor=replace(cfg.model.descriptor, sel=(5,))))
     with pytest.raises(NeighborOverflowError, match=r"train\.nc frame 0: atom \d+ has \d+ neighbours of type Cu"):
         train(cfg, tmp_path, log=lambda s: None)
+
+
+def test_deepmd_water_example_trains_as_is(tmp_path, water_dir):
+    """The DeePMD-kit water input (1.01 M parameters) runs unchanged on the real data for two steps."""
+    if not REFERENCE_INPUT.exists():
+        pytest.skip(f"{REFERENCE_INPUT} not found")
+    data = json.loads(REFERENCE_INPUT.read_text())
+    data["training"]["training_data"]["systems"] = [str(water_dir / "data_0")]
+    data["training"]["validation_data"]["systems"] = [str(water_dir / "data_3")]
+    data["training"]["validation_data"]["numb_btch"] = 1
+    data["training"] |= {"numb_steps": 2, "disp_freq": 1, "save_freq": 2}
+    (tmp_path / "input.json").write_text(json.dumps(data))
+    logs = []
+    model_path = train(load_train_config(tmp_path / "input.json"), tmp_path / "out", threads=2, log=logs.append)
+    assert any("1014182 parameters" in line for line in logs)  # the same network size as DeePMD-kit
+    rows = read_lcurve(tmp_path / "out" / "lcurve.csv")
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["rmse_f_val"] < 2.0
+    from pipeline.model.serialize import load_model
+
+    assert load_model(model_path).sel == [46, 92]

@@ -3,7 +3,7 @@
 #
 # Usage: bench/deepmd/setup_venv.sh VENV_DIR
 #
-# Idempotent: does nothing if VENV_DIR/bin/dp --pt -h already works.
+# Idempotent: does nothing if VENV_DIR/bin/dp --pt -h already works and the PT backend imports.
 # torch is pinned to 2.13.0 (the CPU wheel on this machine's disk) in every pip call so
 # pip never pulls another torch. DeePMD-kit 3.2 beside torch 2.13.0 needs three workarounds
 # (shared/reference/anchor-deepmd.md §1):

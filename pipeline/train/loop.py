@@ -155,8 +155,13 @@ def train(
     restart: str | os.PathLike | None = None,
     threads: int | None = None,
     log: Callable[[str], None] = print,
+    timing: str | os.PathLike | None = None,
 ) -> Path:
-    """Train a model as configured; returns the path of ``model.pt``."""
+    """Train a model as configured; returns the path of ``model.pt``.
+
+    ``timing``: write wall-clock figures (start-up, steps/s between displays) as JSON there
+    (kept out of ``out_dir``'s reproducible files).
+    """
     t_launch = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +233,8 @@ def train(
     progress = _Progress(numb_steps, start, log)
     log(f"start training: {numb_steps} steps, {threads} threads, {sum(p.numel() for p in params)} parameters, {time.perf_counter() - t_launch:.1f} s after launch")
     t_last, step_last = time.perf_counter(), start
+    t_loop = t_last
+    marks: list[tuple[int, float]] = []
     try:
         for step in range(start, numb_steps):
             lr = lr_sched(step)
@@ -252,6 +259,7 @@ def train(
                 rows.append(row)
                 _write_lcurve(out_dir, cfg, rows, columns)
                 now = time.perf_counter()
+                marks.append((done, now))
                 rate = (done - step_last) / max(now - t_last, 1e-9)
                 t_last, step_last = now, done
                 which = "val" if valid_batches else "trn"
@@ -270,5 +278,10 @@ def train(
     path = save_model(model, cfg.model, out_dir / "model.pt", meta)
     if not rows:
         _write_lcurve(out_dir, cfg, rows, columns)
-    log(f"wrote {path} ({time.perf_counter() - t_launch:.1f} s in all)")
+    t_end = time.perf_counter()
+    log(f"wrote {path} ({t_end - t_launch:.1f} s in all)")
+    if timing:
+        steady = [m for m in marks if m[0] > 1]
+        rate = (steady[-1][0] - marks[0][0]) / (steady[-1][1] - marks[0][1]) if marks and steady else None
+        write_json_atomic(timing, {"launch_to_first_step_s": t_loop - t_launch, "steps": numb_steps - start, "steady_steps_per_s": rate, "total_s": t_end - t_launch, "threads": threads})
     return path

@@ -1,0 +1,152 @@
+"""dpelt vs DeePMD-kit on DeePMD-kit's water example, in one run (not a test).
+
+usage: python bench/water.py [--steps 1500] [--threads 2] [--data ../shared/data/water]
+                             [--venv bench/work/deepmd-venv] [--skip-deepmd]
+
+Both codes train the example's se_e2_a model (rcut 6.0, rcut_smth 0.5, sel [46, 92],
+neuron [25, 50, 100], axis_neuron 16, fitting [240, 240, 240], resnet_dt, start_lr 1e-3 →
+stop_lr 3.51e-8, pref_e 0.02→1, pref_f 1000→1) from the *same* input.json on data_0–2, validate
+on data_3, for the same number of steps with the same threads; DeePMD-kit is installed from
+PyPI into its own virtual environment (bench/deepmd/setup_venv.sh) beside torch 2.13.0.
+
+Reported (bench/results/water.json): training steps/s (steady state, validation included as
+both codes do it), start-up time, accuracy on data_3 after the same steps (dpelt test / dp test),
+energy+force+virial evaluations × atoms per second and ASE MD atom·steps/s on the 192-atom box,
+peak RSS — each with the ratio dpelt / DeePMD-kit. Absolute times on a shared 2-core machine are
+noisy; the ratios come from runs made back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+REFERENCE = ROOT.parent / "shared" / "reference" / "deepmd-water-se_e2_a.input.json"
+
+
+def water_input(data: Path, steps: int) -> dict:
+    """The example input, pointed at DATA, with its lr schedule compressed to ``steps``."""
+    cfg = json.loads(REFERENCE.read_text())
+    t = cfg["training"]
+    t["training_data"]["systems"] = [str(data / f"data_{k}") for k in range(3)]
+    t["validation_data"]["systems"] = [str(data / "data_3")]
+    t["numb_steps"] = steps
+    t["disp_freq"] = min(100, steps)
+    t["save_freq"] = steps
+    t["seed"] = 10
+    cfg["learning_rate"]["decay_steps"] = max(1, round(steps * 5000 / 1e6))
+    return cfg
+
+
+def timed(cmd: list[str], cwd: Path, env: dict, log: Path) -> tuple[float, int]:
+    """Run ``cmd``; return (wall seconds, peak RSS kB of the child)."""
+    t = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(["/usr/bin/time", "-v"] + cmd if Path("/usr/bin/time").exists() else cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+    rss = 0
+    for line in log.read_text().splitlines():
+        if "Maximum resident set size" in line:
+            rss = int(line.split(":")[1])
+    return wall, rss
+
+
+def run_dpelt(data: Path, work: Path, steps: int, threads: int) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "input.json").write_text(json.dumps(water_input(data, steps), indent=2))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), DPELT_THREADS=str(threads))
+    dpelt = str(Path(sys.executable).parent / "dpelt")
+    wall, rss = timed([dpelt, "train", "input.json", "-o", "out", "--threads", str(threads), "--timing", "timing.json"], work, env, work / "train.log")
+    timing = json.loads((work / "timing.json").read_text())
+    subprocess.run([dpelt, "test", "-m", "out/model.pt", "-s", str(data / "data_3"), "-o", "test.json", "--plot", "parity.png", "--threads", str(threads)], cwd=work, env=env, check=True, capture_output=True)
+    test = json.loads((work / "test.json").read_text())["overall"]
+    subprocess.run([sys.executable, str(HERE / "dpelt_infer.py"), "out/model.pt", str(data / "data_3"), "infer.json", "--threads", str(threads)], cwd=work, env=env, check=True, capture_output=True)
+    infer = json.loads((work / "infer.json").read_text())
+    return {
+        "train_steps_per_s": timing["steady_steps_per_s"],
+        "train_startup_s": timing["launch_to_first_step_s"],
+        "train_wall_s": wall,
+        "train_peak_rss_kb": rss,
+        "test_rmse_e_per_atom_eV": test["energy_rmse_per_atom"],
+        "test_mae_e_per_atom_eV": test["energy_mae_per_atom"],
+        "test_rmse_f_eV_per_A": test["force_rmse"],
+        "test_mae_f_eV_per_A": test["force_mae"],
+        "infer_atom_evals_per_s": infer["atom_evals_per_s"],
+        "md_atom_steps_per_s": infer["md_atom_steps_per_s"],
+        "md_energy_drift_eV_per_atom": infer["md_energy_drift_eV_per_atom"],
+        "infer_peak_rss_kb": infer["peak_rss_kb"],
+    }
+
+
+def run_deepmd(data: Path, work: Path, steps: int, threads: int, venv: Path) -> dict:
+    if not (venv / "bin" / "dp").exists():
+        subprocess.run(["bash", str(HERE / "deepmd" / "setup_venv.sh"), str(venv)], check=True)
+    out = work / "deepmd.json"
+    cmd = [str(venv / "bin" / "python"), str(HERE / "deepmd" / "run_deepmd.py"), "--data", str(data), "--steps", str(steps), "--work", str(work), "--out", str(out), "--threads", str(threads)]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+RATIOS = {  # key: True when larger is better
+    "train_steps_per_s": True,
+    "infer_atom_evals_per_s": True,
+    "md_atom_steps_per_s": True,
+    "train_startup_s": False,
+    "train_peak_rss_kb": False,
+    "infer_peak_rss_kb": False,
+    "test_rmse_e_per_atom_eV": False,
+    "test_rmse_f_eV_per_A": False,
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "water")
+    ap.add_argument("--venv", type=Path, default=HERE / "work" / "deepmd-venv")
+    ap.add_argument("--work", type=Path, default=HERE / "work" / "water")
+    ap.add_argument("--skip-deepmd", action="store_true", help="only dpelt (no ratios)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "water.json")
+    args = ap.parse_args()
+    if not (args.data / "data_0" / "type.raw").exists():
+        sys.exit(f"water data not found at {args.data}")
+    work = args.work / f"steps{args.steps}"
+    if work.exists():
+        shutil.rmtree(work)
+    result = {
+        "what": "dpelt vs DeePMD-kit (PyTorch backend), water se_e2_a example input, same steps and threads, run back to back",
+        "command": f"python bench/water.py --steps {args.steps} --threads {args.threads}",
+        "steps": args.steps,
+        "threads": args.threads,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    print(f"dpelt: training {args.steps} steps ...", flush=True)
+    result["dpelt"] = run_dpelt(args.data, work / "dpelt", args.steps, args.threads)
+    print(json.dumps(result["dpelt"], indent=2), flush=True)
+    if not args.skip_deepmd:
+        print(f"DeePMD-kit: training {args.steps} steps ...", flush=True)
+        result["deepmd"] = run_deepmd(args.data, work / "deepmd", args.steps, args.threads, args.venv)
+        result["ratio_dpelt_over_deepmd"] = {k: result["dpelt"][k] / result["deepmd"][k] for k in RATIOS if result["deepmd"].get(k)}
+        print(json.dumps(result["ratio_dpelt_over_deepmd"], indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
