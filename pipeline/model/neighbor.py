@@ -54,10 +54,13 @@ def neighbor_counts(
 def _pairs(coord: np.ndarray, cell: np.ndarray, pbc: Sequence[bool], rcut: float):
     pbc = [bool(p) for p in np.asarray(pbc).reshape(3)]
     box = np.asarray(cell, dtype=np.float64) if any(pbc) else np.zeros((3, 3))
-    nl = vesin.NeighborList(cutoff=float(rcut), full_list=True)
+    nl = vesin.NeighborList(cutoff=float(rcut), full_list=True, n_threads=1)  # one thread: a reproducible pair order
     i, j, S, d = nl.compute(np.asarray(coord, dtype=np.float64), box, pbc, quantities="ijSd")
-    keep = d < rcut
-    return i[keep].astype(np.int64), j[keep].astype(np.int64), (S[keep].astype(np.int32), d[keep])
+    i, j, S = i.astype(np.int64), j.astype(np.int64), S.astype(np.int32)
+    if (d >= rcut).any():
+        keep = d < rcut
+        i, j, S, d = i[keep], j[keep], S[keep], d[keep]
+    return i, j, (S, d)
 
 
 def build_neighbor_list(
@@ -79,8 +82,9 @@ def build_neighbor_list(
     rcut : cut-off, Å.
     sel : maximum neighbours kept per neighbour type.
 
-    When an atom has more neighbours of a type than ``sel`` allows, the nearest are kept
-    and the excess is counted in ``overflow`` (callers report or refuse it).
+    Within a section neighbours follow the search's (deterministic) order. When an atom has
+    more neighbours of a type than ``sel`` allows, the section is ordered nearest first, the
+    nearest are kept and the excess is counted in ``overflow`` (callers report or refuse it).
     """
     atype = np.asarray(atype, dtype=np.int64)
     natoms = len(atype)
@@ -90,20 +94,25 @@ def build_neighbor_list(
     sec = np.concatenate([[0], np.cumsum(sel)])
     i, j, (S, d) = _pairs(coord, cell, pbc, rcut)
     tj = atype[j]
-    # sort by centre, neighbour type, distance, index: nearest first within each section
-    order = np.lexsort((j, d, tj, i))
-    i, j, S, tj = i[order], j[order], S[order], tj[order]
     group = i * ntypes + tj
     counts = np.bincount(group, minlength=natoms * ntypes)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.arange(len(i)) - starts[group]
+    if (counts.reshape(natoms, ntypes) > sel[None, :]).any():
+        # overflow: order each (centre, neighbour type) group nearest first, so the nearest are kept
+        order = np.argsort(d, kind="stable")
+        order = order[np.argsort(group[order], kind="stable")]
+    else:
+        order = np.argsort(group, kind="stable")
+    group, j, S, tj = group[order], j[order], S[order], tj[order]
+    starts = np.cumsum(counts) - counts
+    rank = np.arange(len(group)) - starts[group]
     overflow = np.maximum(counts.reshape(natoms, ntypes) - sel[None, :], 0)
     keep = rank < sel[tj]
-    slot = sec[tj] + rank
+    row = group[keep] // ntypes
+    slot = sec[tj[keep]] + rank[keep]
     nlist = np.full((natoms, nnei), -1, dtype=np.int64)
     shift = np.zeros((natoms, nnei, 3), dtype=np.int32)
-    nlist[i[keep], slot[keep]] = j[keep]
-    shift[i[keep], slot[keep]] = S[keep]
+    nlist[row, slot] = j[keep]
+    shift[row, slot] = S[keep]
     return NeighborList(nlist=nlist, shift=shift, overflow=overflow)
 
 

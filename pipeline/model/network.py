@@ -14,6 +14,34 @@ import torch
 from torch import nn
 
 
+class _Tanh(torch.autograd.Function):
+    """tanh(x) = 1 − 2/(exp(2x) + 1), computed in place on one buffer.
+
+    This torch build evaluates float64 ``tanh`` with a scalar routine; the exponential form
+    runs about twice as fast (absolute error ~1e-16). The backward is ATen's
+    ``tanh_backward`` (grad·(1 − y²)), itself twice differentiable, so force training works.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = torch.mul(x, 2.0)
+        y.exp_().add_(1.0).reciprocal_().mul_(-2.0).add_(1.0)  # exp overflow gives exactly ±1
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """Hyperbolic tangent; the fast exponential form in eager mode, ``torch.tanh`` in TorchScript."""
+    if torch.jit.is_scripting():
+        return torch.tanh(x)
+    return _Tanh.apply(x)
+
+
 class DenseLayer(nn.Module):
     """One tanh layer, optionally residual (see module docstring)."""
 
@@ -47,14 +75,15 @@ class DenseLayer(nn.Module):
         y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(x.shape[:-1] + (self.weight.shape[1],))
         if not self.activation:
             return y
-        y = torch.tanh(y)
+        y = tanh(y)
         idt = self.idt
         if idt is not None:
             y = y * idt
         if self.shortcut == 1:
             y = y + x
-        elif self.shortcut == 2:
-            y = y + torch.cat([x, x], dim=-1)
+        elif self.shortcut == 2:  # y + (x, x) without materialising the concatenation
+            n = x.shape[-1]
+            y = (y.reshape(x.shape[:-1] + (2, n)) + x.unsqueeze(-2)).reshape(y.shape)
         return y
 
 
