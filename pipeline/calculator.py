@@ -76,3 +76,100 @@ class DeepPotCalculator(Calculator):
         if pbc.all():
             virial = out["virial"][0].detach().numpy()
             self.results["stress"] = full_3x3_to_voigt_6_stress(-virial / atoms.get_volume())
+
+
+class EnsembleCalculator(Calculator):
+    """ASE calculator for an ensemble: one model (or the mean) drives, all are evaluated together.
+
+    Parameters
+    ----------
+    models : model files or loaded DeepPot models (same type_map, rcut and sel).
+    drive : "first" — model 0 drives MD and the whole ensemble is evaluated only when
+        ``deviation_due`` is set (every ``trj_freq`` steps, by the MD driver); "mean" — the
+        ensemble mean drives and every step evaluates all models.
+    bias : optional :class:`pipeline.explore.bias.BiasConfig`; with an active bias every step
+        evaluates the ensemble (the bias depends on its deviation) and adds the bias energy,
+        forces and stress.
+
+    After a step with the ensemble evaluated, ``results["deviation"]`` holds DP-GEN's
+    deviations (max/min/avg_devi_f eV/Å, devi_e eV/atom, max/min/avg_devi_v eV/atom);
+    ``results["mean_energy"]`` (eV) the ensemble mean; ``results["bias_energy"]`` (eV) and
+    ``results["min_distance"]`` (Å) are always set. ``bias_ceiling`` (eV) is the reference of
+    the confidence bias (set by the MD driver from the mean energy of the start frame).
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, models, drive: str = "first", bias=None, threads: int | None = None, on_overflow: str = "warn", **kwargs):
+        super().__init__(**kwargs)
+        from .model.ensemble import Ensemble
+
+        configure_torch(threads)
+        if drive not in ("first", "mean"):
+            raise DpeltError(f"drive must be 'first' or 'mean', got {drive!r}", key="drive")
+        loaded = [load_model(m) if isinstance(m, (str, os.PathLike)) else m.eval() for m in models]
+        self.ensemble = Ensemble(loaded)
+        self.type_map = self.ensemble.type_map
+        self.drive = drive
+        self.bias = bias if bias is not None and bias.active else None
+        self.bias_ceiling: float | None = None
+        self.deviation_due = True
+        self.on_overflow = on_overflow
+        self.overflow_frames = 0
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        from .explore.bias import bias_energy
+        from .explore.deviation import model_deviation
+        from .model.deeppot import scatter_forces
+
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        periodic = bool(atoms.pbc.all())
+        if "stress" in properties and not periodic:
+            raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
+        atype = atom_types(atoms.get_chemical_symbols(), self.type_map)
+        rij, nlist, overflow = frame_inputs(
+            atoms.positions[None], atoms.cell.array[None], atoms.pbc, atype, self.ensemble.rcut, self.ensemble.sel, self.type_map,
+            on_overflow="error" if self.on_overflow == "error" else "ignore", where="atoms",
+        )
+        if overflow:
+            if self.overflow_frames == 0:
+                warnings.warn(f"an atom has more neighbours than sel allows ({overflow} beyond sel); the nearest are kept", stacklevel=2)
+            self.overflow_frames += 1
+        real = nlist >= 0
+        self.results["min_distance"] = float(torch.linalg.vector_norm(rij, dim=-1)[real].min()) if bool(real.any()) else float("inf")
+        ta = torch.from_numpy(atype)
+        full = self.bias is not None or self.drive == "mean" or self.deviation_due
+        if not full:
+            out = self.ensemble.models[0].forward_rij(rij, nlist, ta, True, periodic, False)
+            energy, forces = float(out["energy"][0].detach()), out["force"][0].detach().numpy()
+            virial = out["virial"][0].detach().numpy() if periodic else None
+            self.results["deviation"] = None
+            self.results["bias_energy"] = 0.0
+        else:
+            out = self.ensemble.evaluate(rij, nlist, ta, do_virial=periodic, create_graph=self.bias is not None)
+            E, F = out["energy"][:, 0], out["force"][:, 0]  # [M], [M, nloc, 3]
+            pick = (lambda x: x.mean(0)) if self.drive == "mean" else (lambda x: x[0])
+            energy = float(pick(E).detach())
+            forces = pick(F).detach().numpy().copy()
+            virial = pick(out["virial"][:, 0]).detach().numpy().copy() if periodic else None
+            dev = model_deviation(E.detach().numpy()[:, None], F.detach().numpy()[:, None], out["virial"].detach().numpy() if periodic else None)
+            self.results["deviation"] = {k: float(v[0]) for k, v in dev.items()}
+            self.results["mean_energy"] = float(E.mean().detach())
+            self.results["bias_energy"] = 0.0
+            if self.bias is not None:
+                ceiling = self.bias_ceiling if self.bias_ceiling is not None else float(E.mean().detach())
+                v = bias_energy(self.bias, E, F, ceiling)
+                (g,) = torch.autograd.grad([v], [out["rij"]], allow_unused=True)
+                if g is not None:
+                    g = g.sum(0)  # every member saw the same displacements: [nf, nloc, nnei, 3]
+                    forces = forces + scatter_forces(g.unsqueeze(0), nlist)[0, 0].detach().numpy()
+                    if periodic:
+                        virial = virial - torch.einsum("nja,njb->ab", g[0], rij[0]).detach().numpy()
+                energy += float(v.detach())
+                self.results["bias_energy"] = float(v.detach())
+        self.results["energy"] = energy
+        self.results["free_energy"] = energy
+        self.results["forces"] = forces
+        if periodic:
+            self.results["stress"] = full_3x3_to_voigt_6_stress(-virial / atoms.get_volume())

@@ -7,12 +7,12 @@ status 2, never a bare traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from . import __version__
 from .errors import DpeltError
+from .label.cli import add_label_parser
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -66,6 +66,60 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(f"converted {len(systems)} systems, {nframes} frames -> {', '.join(map(str, paths))}")
 
 
+def _load_frame(path: str, index: int):
+    """Frame ``index`` (counting over every system in the file) as ase.Atoms."""
+    from .data.ase_io import frames_to_atoms
+    from .data.io import read_systems
+
+    systems = read_systems(path)
+    for ds in systems:
+        n = ds.sizes["frame"]
+        if index < n:
+            return frames_to_atoms(ds.isel(frame=[index]))[0]
+        index -= n
+    raise DpeltError("has fewer frames than the index asked for", path=path, key="frame")
+
+
+def _cmd_explore(args: argparse.Namespace) -> None:
+    from .calculator import EnsembleCalculator
+    from .explore.bias import BiasConfig
+    from .explore.guards import GuardConfig
+    from .explore.md import MDTask, run_md
+
+    bias = BiasConfig(kind=args.bias, strength=args.bias_strength, width=args.bias_width, trust_lo=args.trust_lo, trust_hi=args.trust_hi, ceiling_kT=args.bias_ceiling_kt)
+    guards = GuardConfig(min_distance=args.min_distance, max_temperature_factor=args.max_temperature_factor, max_volume_ratio=args.max_volume_ratio, devi_ceiling=args.devi_ceiling, devi_patience=args.devi_patience)
+    task = MDTask(
+        name=args.name or Path(args.output).name, temperature_K=args.temp, nsteps=args.nsteps, trj_freq=args.trj_freq,
+        ensemble=args.ensemble, pressure_bar=args.press, dt_fs=args.dt, tau_t_fs=args.tau_t, tau_p_fs=args.tau_p,
+        seed=args.seed, iteration=args.iteration, drive=args.drive, bias=bias, guards=guards,
+    )
+    atoms = _load_frame(args.start, args.frame)
+    calc = EnsembleCalculator(args.models, drive=args.drive, bias=bias, threads=args.threads)
+    summary = run_md(task, atoms, calc, args.output, source=f"{args.start}@{args.frame}")
+    print(f"{task.name}: {summary['status']}{' (' + summary['reason'] + ')' if summary['reason'] else ''}, {summary['frames']} frames, {summary['steps_done']} steps")
+
+
+def _cmd_select(args: argparse.Namespace) -> None:
+    from .data.frames import frame_ids
+    from .data.io import read_systems
+    from .model.serialize import load_model
+    from .select import SelectConfig, select
+
+    cfg = SelectConfig(
+        trust_lo=args.trust_lo, trust_hi=args.trust_hi, v_trust_lo=args.v_trust_lo, v_trust_hi=args.v_trust_hi,
+        max_labels=args.max_labels, spread=args.spread, adapt_numb_candi=args.adapt_numb_candi,
+        adapt_perc_candi=args.adapt_perc_candi, conv_accuracy=args.conv_accuracy,
+    )
+    labelled = set()
+    for p in args.labelled or []:
+        for ds in read_systems(p):
+            labelled.update(frame_ids(ds).tolist())
+    model = load_model(args.model) if args.model else None
+    r = select(args.frames, cfg, args.seed, args.output, model=model, iteration=args.iteration, labelled_ids=labelled)
+    c = r["counts"]
+    print(f"{r['frames']} frames: {c['accurate']} accurate, {c['candidate']} candidate, {c['failed']} failed; selected {r['selected']}; converged: {r['converged']}")
+
+
 def _cmd_example(args: argparse.Namespace) -> None:
     from .quickstart import run_quickstart
 
@@ -108,6 +162,57 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", dest="dst_format", help="netcdf | deepmd/npy | extxyz | ase:<format> (default: by suffix)")
     c.add_argument("--type-map", nargs="+", help="element order, e.g. --type-map O H")
     c.set_defaults(func=_cmd_convert)
+
+    x = sub.add_parser("explore", help="ensemble MD from one start frame, keeping frames and model deviations")
+    x.add_argument("-m", "--models", nargs="+", required=True, help="model files of the ensemble (the first drives)")
+    x.add_argument("--start", required=True, help="frames file with the start configuration")
+    x.add_argument("--frame", type=int, default=0, help="index of the start frame in --start")
+    x.add_argument("-o", "--output", required=True, help="task directory (frames.nc, md.log, md.json)")
+    x.add_argument("--name", help="task name recorded with every frame (default: output directory name)")
+    x.add_argument("--ensemble", default="nvt", help="nvt (Langevin) | nvt-bussi | nvt-nh | nve | npt | npt-aniso | npt-tri")
+    x.add_argument("--temp", type=float, required=True, help="temperature, K")
+    x.add_argument("--press", type=float, help="pressure, bar (npt ensembles)")
+    x.add_argument("--nsteps", type=int, required=True)
+    x.add_argument("--trj-freq", type=int, default=10, help="keep a frame (and evaluate the ensemble) every N steps")
+    x.add_argument("--dt", type=float, default=1.0, help="time step, fs")
+    x.add_argument("--tau-t", type=float, default=100.0, help="thermostat time constant, fs")
+    x.add_argument("--tau-p", type=float, default=1000.0, help="barostat time constant, fs")
+    x.add_argument("--seed", type=int, required=True)
+    x.add_argument("--iteration", type=int, default=-1)
+    x.add_argument("--drive", default="first", choices=["first", "mean"])
+    x.add_argument("--bias", default="none", choices=["none", "confidence", "udd"])
+    x.add_argument("--bias-strength", type=float, default=0.5, help="confidence: α in [0,1); udd: well depth A, eV")
+    x.add_argument("--bias-width", type=float, default=0.1, help="udd: width B, eV/Å")
+    x.add_argument("--bias-ceiling-kt", type=float, default=3.0, help="confidence: ceiling above the start energy, in N k_B T")
+    x.add_argument("--trust-lo", type=float, default=0.05, help="eV/Å (confidence bias weight)")
+    x.add_argument("--trust-hi", type=float, default=0.15, help="eV/Å (confidence bias weight)")
+    x.add_argument("--min-distance", type=float, default=0.5, help="guard: closest approach, Å")
+    x.add_argument("--max-temperature-factor", type=float, default=5.0, help="guard: runaway above this × target T")
+    x.add_argument("--max-volume-ratio", type=float, default=3.0, help="guard: cell volume change factor")
+    x.add_argument("--devi-ceiling", type=float, help="guard: stop when max_devi_f stays above this (eV/Å)")
+    x.add_argument("--devi-patience", type=int, default=3, help="guard: ... for this many kept frames in a row")
+    x.add_argument("--threads", type=int, default=1)
+    x.set_defaults(func=_cmd_explore)
+
+    se = sub.add_parser("select", help="classify explored frames by model deviation and pick candidates to label")
+    se.add_argument("frames", nargs="+", help="exploration outputs (frames.nc)")
+    se.add_argument("-o", "--output", required=True, help="directory for candidates.nc and report.json")
+    se.add_argument("--trust-lo", type=float, required=True, help="eV/Å")
+    se.add_argument("--trust-hi", type=float, required=True, help="eV/Å")
+    se.add_argument("--v-trust-lo", type=float, help="eV/atom (virial, optional)")
+    se.add_argument("--v-trust-hi", type=float, help="eV/atom (virial, optional)")
+    se.add_argument("--max-labels", type=int, default=100, help="at most this many candidates are picked")
+    se.add_argument("--seed", type=int, required=True)
+    se.add_argument("--iteration", type=int)
+    se.add_argument("--spread", default="random", choices=["random", "fps"], help="fps: farthest-point sampling in descriptor space (needs -m)")
+    se.add_argument("-m", "--model", help="model for descriptors (spread fps)")
+    se.add_argument("--adapt-numb-candi", type=int, help="adaptive trust_lo: at least this many candidates")
+    se.add_argument("--adapt-perc-candi", type=float, default=0.0, help="adaptive trust_lo: at least this fraction of the frames below trust_hi")
+    se.add_argument("--conv-accuracy", type=float, default=0.95, help="converged when the accurate ratio reaches this")
+    se.add_argument("--labelled", nargs="*", help="frames already labelled (never picked again)")
+    se.set_defaults(func=_cmd_select)
+
+    add_label_parser(sub)
 
     e = sub.add_parser("example", help="generate a small EMT copper data set, train on it and test the model")
     e.add_argument("directory", nargs="?", default="demo")

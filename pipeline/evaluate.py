@@ -8,7 +8,6 @@ frame (energy, virial) or each force component equally.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np

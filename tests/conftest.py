@@ -59,7 +59,6 @@ def random_system(n: int = 12, seed: int = 0, cell_scale: float = 5.0, triclinic
     frac = []
     while len(frac) < n:
         f = rng.random(3)
-        trial = np.array(frac + [f]) @ cell
         ok = True
         for p in frac:
             d = (f - p) - np.round(f - p)

@@ -1,7 +1,5 @@
 """Model files: round trip, TorchScript, refusal of bad files."""
 
-import pickle
-import zipfile
 
 import numpy as np
 import pytest

@@ -56,7 +56,9 @@ def write_frames(path: str | os.PathLike, systems: xr.Dataset | Sequence[xr.Data
         systems = [systems]
     systems = list(systems)
     with atomic_path(path) as tmp:
-        if len(systems) == 1:
+        if not systems:  # a valid file that holds no system (e.g. nothing selected)
+            xr.Dataset(attrs={"dpelt_schema": SCHEMA_VERSION, "systems": 0}).to_netcdf(tmp, engine="h5netcdf")
+        elif len(systems) == 1:
             _prepare(systems[0]).to_netcdf(tmp, engine="h5netcdf")
         else:
             for k, system in enumerate(systems):
@@ -80,7 +82,15 @@ def read_frames(path: str | os.PathLike, require_labels: bool = False, verify: b
     if not path.exists():
         raise DataError("file not found", path=path)
     out = []
-    for group in _groups(path):
+    groups = _groups(path)
+    if groups == [None]:
+        try:
+            with h5py.File(path, "r") as fh:
+                if int(np.asarray(fh.attrs.get("systems", -1)).ravel()[0]) == 0 and "coord" not in fh:
+                    return []
+        except (OSError, ValueError):
+            pass
+    for group in groups:
         where = f"{path}" + (f"#{group}" if group else "")
         try:
             ds = xr.load_dataset(path, engine="h5netcdf", group=group)

@@ -22,6 +22,19 @@ from .descriptor import DescriptorSeA
 from .fitting import EnergyFitting
 
 
+def scatter_forces(g: torch.Tensor, nlist: torch.Tensor) -> torch.Tensor:
+    """Atomic forces (eV/Å) from g = ∂E/∂rij.
+
+    g [B, nf, nloc, nnei, 3] (B models or 1), nlist [nf, nloc, nnei] -> [B, nf, nloc, 3]:
+    F_i = Σ_j g_ij − Σ_k g_ki (empty slots carry zero gradient).
+    """
+    B, nf, nloc = g.shape[0], g.shape[1], g.shape[2]
+    offset = (torch.arange(nf, device=nlist.device) * nloc).view(nf, 1, 1)
+    index = (nlist.clamp(min=0) + offset).reshape(-1)
+    force = g.sum(3).reshape(B, nf * nloc, 3).index_add(1, index, -g.reshape(B, -1, 3))
+    return force.reshape(B, nf, nloc, 3)
+
+
 class DeepPot(nn.Module):
     """A Deep Potential energy model (se_e2_a). ``sel`` must be concrete (not "auto")."""
 
@@ -104,12 +117,7 @@ class DeepPot(nn.Module):
             g0 = grads[0]
             g = torch.zeros_like(rij) if g0 is None else g0  # None: no atom has a neighbour
             g = g.to(torch.float64)  # [nf, nloc, nnei, 3] = ∂E/∂rij
-            nf, nloc, nnei = nlist.shape[0], nlist.shape[1], nlist.shape[2]
-            force = g.sum(2)  # [nf, nloc, 3]: +Σ_j ∂E/∂r_ij
-            offset = (torch.arange(nf, device=nlist.device) * nloc).view(nf, 1, 1)
-            index = (nlist.clamp(min=0) + offset).reshape(-1)  # empty slots carry zero gradient
-            force = force.reshape(nf * nloc, 3).index_add(0, index, -g.reshape(-1, 3)).reshape(nf, nloc, 3)
-            out["force"] = force
+            out["force"] = scatter_forces(g.unsqueeze(0), nlist)[0]  # [nf, nloc, 3]
             if do_virial:
                 out["virial"] = -torch.einsum("fnja,fnjb->fab", g, rij.to(torch.float64))  # [nf, 3, 3]
         return out

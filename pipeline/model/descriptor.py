@@ -88,7 +88,7 @@ class DescriptorSeA(nn.Module):
         the centre type and slot: evaluating it once per type replaces evaluating it per atom.
         """
         pad = -self.davg / self.dstd  # [ntypes, nnei, 4]
-        out = torch.zeros(self.ntypes, 4, self.m1, dtype=pad.dtype, device=pad.device)
+        per_type: List[torch.Tensor] = [torch.zeros(4, self.m1, dtype=pad.dtype, device=pad.device) for _ in range(self.ntypes)]
         for k, net in enumerate(self.embeddings):
             tj = k if self.type_one_side else k % self.ntypes
             lo, hi = self.sec[tj] + counts[tj], self.sec[tj + 1]
@@ -96,11 +96,10 @@ class DescriptorSeA(nn.Module):
                 rows = pad[:, lo:hi, :]  # [ntypes, n_pad, 4]
                 g = net(rows[:, :, :1])  # [ntypes, n_pad, M1]
                 t = torch.matmul(rows.transpose(1, 2), g)  # [ntypes, 4, M1]
-                if self.type_one_side:
-                    out = out + t
-                else:
-                    ti = k // self.ntypes
-                    out[ti] = out[ti] + t[ti]
+                for ti in range(self.ntypes):
+                    if self.type_one_side or ti == k // self.ntypes:
+                        per_type[ti] = per_type[ti] + t[ti]
+        out = torch.stack(per_type)  # [ntypes, 4, M1]
         return out
 
     def forward(self, rij: torch.Tensor, atype: torch.Tensor, counts: Optional[List[int]] = None) -> torch.Tensor:

@@ -22,12 +22,17 @@ class _Tanh(torch.autograd.Function):
     ``tanh_backward`` (grad·(1 − y²)), itself twice differentiable, so force training works.
     """
 
+    generate_vmap_rule = True  # element-wise: vmap (ensembles) can batch it directly
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor) -> torch.Tensor:
         y = torch.mul(x, 2.0)
         y.exp_().add_(1.0).reciprocal_().mul_(-2.0).add_(1.0)  # exp overflow gives exactly ±1
-        ctx.save_for_backward(y)
         return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(output)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:

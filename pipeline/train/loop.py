@@ -68,8 +68,8 @@ def compute_statistics(model: DeepPot, cfg: ModelConfig, systems: Sequence[Train
         n = min(s.nframes, cfg.data_stat_nbatch)
         frames = np.sort(rng.choice(s.nframes, size=n, replace=False))
         b = s.batch(frames)
-        acc.add(b.rij, b.nlist, b.atype, model.sel, cfg.descriptor.rcut_smth, cfg.descriptor.rcut)
-    davg, dstd = acc.result(model.sel, cfg.data_stat_protect)
+        acc.add(b.rij, b.atype, cfg.descriptor.rcut_smth, cfg.descriptor.rcut)
+    davg, dstd = acc.result(sum(model.sel), cfg.data_stat_protect)
     if cfg.descriptor.set_davg_zero:
         davg[:] = 0.0
     counts = np.concatenate([np.tile(np.bincount(s.atype.numpy(), minlength=model.ntypes), (s.nframes, 1)) for s in systems])

@@ -1,0 +1,1 @@
+"""Exploration: ensemble MD, model deviation, bias potentials, blow-up guards."""

@@ -1,0 +1,103 @@
+"""An ensemble of DeepPot models evaluated together on one neighbour list.
+
+Members of one ELT iteration share their architecture (same config, same data, different
+seeds), so their parameters are stacked and evaluated in one vectorised pass
+(``torch.func.vmap``): neighbour list, displacements and Python dispatch are paid once.
+Per-model forces come from one backward pass by giving every model its own copy of the
+displacements. Members with different network shapes are evaluated one after the other on
+the same neighbour list (cut-off and ``sel`` must agree).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from ..errors import ModelFileError
+from .deeppot import DeepPot, scatter_forces
+
+
+class _AtomicEnergy(nn.Module):
+    """forward = DeepPot.atomic_energy (what ``functional_call`` evaluates per member)."""
+
+    def __init__(self, model: DeepPot):
+        super().__init__()
+        self.model = model
+
+    def forward(self, rij: torch.Tensor, atype: torch.Tensor, counts: Optional[List[int]]) -> torch.Tensor:
+        return self.model.atomic_energy(rij, atype, counts)
+
+
+def _shapes(m: DeepPot) -> tuple:
+    return tuple((k, tuple(v.shape), v.dtype) for k, v in m.state_dict().items()) + (m.descriptor.type_one_side,)
+
+
+class Ensemble:
+    """M models -> energies [M, nf], forces [M, nf, nloc, 3], virials [M, nf, 3, 3] in one call."""
+
+    def __init__(self, models: Sequence[DeepPot]):
+        if not models:
+            raise ModelFileError("an ensemble needs at least one model")
+        self.models = [m.eval() for m in models]
+        first = self.models[0]
+        for k, m in enumerate(self.models[1:], 1):
+            if list(m.type_map) != list(first.type_map):
+                raise ModelFileError(f"ensemble member {k} has type_map {m.type_map}, member 0 has {first.type_map}", key="type_map")
+            if m.rcut != first.rcut or list(m.sel) != list(first.sel):
+                raise ModelFileError(
+                    f"ensemble member {k} has rcut {m.rcut}, sel {m.sel}; member 0 has rcut {first.rcut}, sel {first.sel}: members must share the neighbour list",
+                    key="sel",
+                )
+        self.type_map = list(first.type_map)
+        self.rcut = first.rcut
+        self.sel = list(first.sel)
+        self.stacked = len(self.models) > 1 and len({_shapes(m) for m in self.models}) == 1
+        if self.stacked:
+            wrappers = [_AtomicEnergy(m) for m in self.models]
+            params, buffers = stack_module_state(wrappers)
+            self.params = {k: v.detach() for k, v in params.items()}
+            self.buffers = buffers
+            self.base = _AtomicEnergy(copy.deepcopy(first)).to("meta")
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def evaluate(
+        self,
+        rij: torch.Tensor,
+        nlist: torch.Tensor,
+        atype: torch.Tensor,
+        do_virial: bool = True,
+        create_graph: bool = False,
+    ) -> Dict[str, torch.Tensor]:
+        """Evaluate every member on the same displacements.
+
+        rij [nf, nloc, nnei, 3] Å, nlist [nf, nloc, nnei] (built with ``self.rcut``, ``self.sel``).
+        Returns ``energy`` [M, nf] eV, ``atom_energy`` [M, nf, nloc], ``force`` [M, nf, nloc, 3]
+        eV/Å, ``virial`` [M, nf, 3, 3] eV and ``rij`` [M, nf, nloc, nnei, 3], the per-member leaf
+        the forces were taken against (``create_graph`` lets callers differentiate functions of
+        the forces, e.g. a bias on the force deviation).
+        """
+        M = len(self.models)
+        counts = self.models[0].section_counts(nlist)
+        rij_m = rij.detach().to(torch.float64).unsqueeze(0).repeat(M, 1, 1, 1, 1).requires_grad_(True)  # [M, nf, nloc, nnei, 3]
+        if self.stacked:
+            base = self.base
+
+            def energy(params, buffers, r):
+                return functional_call(base, (params, buffers), (r, atype, counts))
+
+            atom_energy = vmap(energy)(self.params, self.buffers, rij_m)  # [M, nf, nloc]
+        else:
+            atom_energy = torch.stack([m.atomic_energy(rij_m[k], atype, counts) for k, m in enumerate(self.models)])
+        e = atom_energy.sum(-1)  # [M, nf]
+        grads = torch.autograd.grad([e.sum()], [rij_m], create_graph=create_graph, allow_unused=True)
+        g = torch.zeros_like(rij_m) if grads[0] is None else grads[0]  # [M, nf, nloc, nnei, 3] = ∂E_m/∂rij
+        out = {"energy": e, "atom_energy": atom_energy, "force": scatter_forces(g, nlist), "rij": rij_m}
+        if do_virial:
+            out["virial"] = -torch.einsum("mfnja,mfnjb->mfab", g, rij_m)
+        return out
