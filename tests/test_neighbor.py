@@ -30,6 +30,8 @@ def test_matches_brute_force(pbc, scale):
     rcut, sel = 3.5, [200, 200]
     nl = build_neighbor_list(pos, cell, pbc, atype, rcut, sel)
     rij = displacements(pos, cell if any(pbc) else np.zeros((3, 3)), nl, rcut)
+    np.testing.assert_allclose(nl.rij, rij, atol=1e-12)  # the search's own vectors agree
+    assert nl.min_distance == min(np.linalg.norm(rij[nl.nlist >= 0], axis=-1))
     got = set()
     for i in range(len(pos)):
         for slot in range(sum(sel)):

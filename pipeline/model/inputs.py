@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .neighbor import build_neighbor_list, displacements, overflow_message
+from .neighbor import build_neighbor_list, overflow_message
 from ..errors import NeighborOverflowError
 
 
@@ -39,6 +39,6 @@ def frame_inputs(
             if on_overflow == "error":
                 raise NeighborOverflowError(overflow_message(nl.overflow, sel, type_map, f"{where} {f}"), key="sel")
             worst = max(worst, nl.max_overflow)
-        rijs.append(displacements(coord[f], cell[f], nl, rcut))
+        rijs.append(nl.rij)
         nlists.append(nl.nlist)
     return torch.from_numpy(np.stack(rijs)), torch.from_numpy(np.stack(nlists)), worst

@@ -30,6 +30,8 @@ class NeighborList:
     nlist: np.ndarray  # [natoms, nnei] int64, -1 = empty slot
     shift: np.ndarray  # [natoms, nnei, 3] int32 cell-image shift (in units of cell vectors)
     overflow: np.ndarray  # [natoms, ntypes] neighbours of each type beyond sel (0 = none)
+    rij: np.ndarray  # [natoms, nnei, 3] displacements, Å (empty slots: padding_vector)
+    min_distance: float  # closest pair within rcut, Å (inf when none)
 
     @property
     def max_overflow(self) -> int:
@@ -55,12 +57,12 @@ def _pairs(coord: np.ndarray, cell: np.ndarray, pbc: Sequence[bool], rcut: float
     pbc = [bool(p) for p in np.asarray(pbc).reshape(3)]
     box = np.asarray(cell, dtype=np.float64) if any(pbc) else np.zeros((3, 3))
     nl = vesin.NeighborList(cutoff=float(rcut), full_list=True, n_threads=1)  # one thread: a reproducible pair order
-    i, j, S, d = nl.compute(np.asarray(coord, dtype=np.float64), box, pbc, quantities="ijSd")
+    i, j, S, d, D = nl.compute(np.asarray(coord, dtype=np.float64), box, pbc, quantities="ijSdD")
     i, j, S = i.astype(np.int64), j.astype(np.int64), S.astype(np.int32)
     if (d >= rcut).any():
         keep = d < rcut
-        i, j, S, d = i[keep], j[keep], S[keep], d[keep]
-    return i, j, (S, d)
+        i, j, S, d, D = i[keep], j[keep], S[keep], d[keep], D[keep]
+    return i, j, (S, d, D)
 
 
 def build_neighbor_list(
@@ -92,7 +94,7 @@ def build_neighbor_list(
     ntypes = len(sel)
     nnei = int(sel.sum())
     sec = np.concatenate([[0], np.cumsum(sel)])
-    i, j, (S, d) = _pairs(coord, cell, pbc, rcut)
+    i, j, (S, d, D) = _pairs(coord, cell, pbc, rcut)
     tj = atype[j]
     group = i * ntypes + tj
     counts = np.bincount(group, minlength=natoms * ntypes)
@@ -102,7 +104,7 @@ def build_neighbor_list(
         order = order[np.argsort(group[order], kind="stable")]
     else:
         order = np.argsort(group, kind="stable")
-    group, j, S, tj = group[order], j[order], S[order], tj[order]
+    group, j, S, D, tj = group[order], j[order], S[order], D[order], tj[order]
     starts = np.cumsum(counts) - counts
     rank = np.arange(len(group)) - starts[group]
     overflow = np.maximum(counts.reshape(natoms, ntypes) - sel[None, :], 0)
@@ -111,9 +113,12 @@ def build_neighbor_list(
     slot = sec[tj[keep]] + rank[keep]
     nlist = np.full((natoms, nnei), -1, dtype=np.int64)
     shift = np.zeros((natoms, nnei, 3), dtype=np.int32)
+    rij = np.empty((natoms, nnei, 3))
+    rij[:] = padding_vector(rcut)
     nlist[row, slot] = j[keep]
     shift[row, slot] = S[keep]
-    return NeighborList(nlist=nlist, shift=shift, overflow=overflow)
+    rij[row, slot] = D[keep]
+    return NeighborList(nlist=nlist, shift=shift, overflow=overflow, rij=rij, min_distance=float(d.min()) if len(d) else float("inf"))
 
 
 def displacements(coord: np.ndarray, cell: np.ndarray, nl: NeighborList, rcut: float) -> np.ndarray:
