@@ -15,19 +15,47 @@ from .errors import DpeltError
 from .label.cli import add_label_parser
 
 
+def _spec(text: str | None, what: str) -> dict:
+    """A JSON mapping given on the command line (the workflow passes config sections this way)."""
+    import json
+
+    if text is None:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DpeltError(f"--spec is not valid JSON: {exc}", key=what) from None
+    if not isinstance(data, dict):
+        raise DpeltError("--spec must be a JSON object", key=what)
+    return data
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from .train.config import load_train_config
+    from .train.config import load_train_config, parse_train_config
     from .train.loop import train
 
-    cfg = load_train_config(args.config)
+    if args.spec is not None:
+        data = _spec(args.spec, "train")
+        if args.systems:
+            data.setdefault("training", {})
+            data["training"]["training_data"] = dict(data["training"].get("training_data", {}), systems=list(args.systems))
+        cfg = parse_train_config(data, source="--spec")
+    elif args.config is not None:
+        cfg = load_train_config(args.config)
+        if args.systems:
+            cfg = replace(cfg, training=replace(cfg.training, training_data=replace(cfg.training.training_data, systems=tuple(args.systems))))
+    else:
+        raise DpeltError("give a config file or --spec", key="config")
     t = cfg.training
     if args.steps is not None:
         t = replace(t, numb_steps=args.steps)
     if args.seed is not None:
         t = replace(t, seed=args.seed)
     cfg = replace(cfg, training=t)
+    if args.start_lr is not None:
+        cfg = replace(cfg, learning_rate=replace(cfg.learning_rate, start_lr=args.start_lr))
     train(cfg, args.output, init_model=args.init_model, restart=args.restart, threads=args.threads, timing=args.timing)
 
 
@@ -66,12 +94,23 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(f"converted {len(systems)} systems, {nframes} frames -> {', '.join(map(str, paths))}")
 
 
-def _load_frame(path: str, index: int):
-    """Frame ``index`` (counting over every system in the file) as ase.Atoms."""
+def _load_frame(path: str, index: int | None, system: str | None = None, seed: int = 0):
+    """A start frame as ase.Atoms: frame ``index`` counted over every system of the file, or
+    (with ``system``) a frame of the system with that name drawn with ``seed``."""
+    import numpy as np
+
     from .data.ase_io import frames_to_atoms
     from .data.io import read_systems
 
     systems = read_systems(path)
+    if system is not None:
+        named = [ds for ds in systems if ds.attrs.get("system") == system]
+        if not named:
+            raise DpeltError(f"no system named {system!r} (found {[ds.attrs.get('system') for ds in systems]})", path=path, key="system")
+        ds = named[0]
+        k = int(np.random.default_rng(seed).integers(ds.sizes["frame"])) if index is None else index
+        return frames_to_atoms(ds.isel(frame=[k]))[0]
+    index = index or 0
     for ds in systems:
         n = ds.sizes["frame"]
         if index < n:
@@ -82,20 +121,34 @@ def _load_frame(path: str, index: int):
 
 def _cmd_explore(args: argparse.Namespace) -> None:
     from .calculator import EnsembleCalculator
+    from .config import parse_dataclass
     from .explore.bias import BiasConfig
     from .explore.guards import GuardConfig
     from .explore.md import MDTask, run_md
 
-    bias = BiasConfig(kind=args.bias, strength=args.bias_strength, width=args.bias_width, trust_lo=args.trust_lo, trust_hi=args.trust_hi, ceiling_kT=args.bias_ceiling_kt)
-    guards = GuardConfig(min_distance=args.min_distance, max_temperature_factor=args.max_temperature_factor, max_volume_ratio=args.max_volume_ratio, devi_ceiling=args.devi_ceiling, devi_patience=args.devi_patience)
-    task = MDTask(
-        name=args.name or Path(args.output).name, temperature_K=args.temp, nsteps=args.nsteps, trj_freq=args.trj_freq,
-        ensemble=args.ensemble, pressure_bar=args.press, dt_fs=args.dt, tau_t_fs=args.tau_t, tau_p_fs=args.tau_p,
-        seed=args.seed, iteration=args.iteration, drive=args.drive, bias=bias, guards=guards,
-    )
-    atoms = _load_frame(args.start, args.frame)
-    calc = EnsembleCalculator(args.models, drive=args.drive, bias=bias, threads=args.threads)
-    summary = run_md(task, atoms, calc, args.output, source=f"{args.start}@{args.frame}")
+    name = args.name or Path(args.output).name
+    if args.spec is not None:
+        spec = _spec(args.spec, "explore")
+        bias_spec = dict(spec.pop("bias", {}))
+        bias = BiasConfig(**bias_spec, trust_lo=spec.pop("trust_lo", 0.05), trust_hi=spec.pop("trust_hi", 0.15))
+        guards = parse_dataclass(GuardConfig, spec.pop("guards", {}), "explore.guards", "--spec")
+        task = parse_dataclass(MDTask, spec | {"name": name, "seed": args.seed, "iteration": args.iteration}, "explore", "--spec")
+        from dataclasses import replace
+
+        task = replace(task, bias=bias, guards=guards)
+    else:
+        if args.temp is None or args.nsteps is None:
+            raise DpeltError("give --spec, or at least --temp and --nsteps", key="explore")
+        bias = BiasConfig(kind=args.bias, strength=args.bias_strength, width=args.bias_width, trust_lo=args.trust_lo, trust_hi=args.trust_hi, ceiling_kT=args.bias_ceiling_kt)
+        guards = GuardConfig(min_distance=args.min_distance, max_temperature_factor=args.max_temperature_factor, max_volume_ratio=args.max_volume_ratio, devi_ceiling=args.devi_ceiling, devi_patience=args.devi_patience)
+        task = MDTask(
+            name=name, temperature_K=args.temp, nsteps=args.nsteps, trj_freq=args.trj_freq,
+            ensemble=args.ensemble, pressure_bar=args.press, dt_fs=args.dt, tau_t_fs=args.tau_t, tau_p_fs=args.tau_p,
+            seed=args.seed, iteration=args.iteration, drive=args.drive, bias=bias, guards=guards,
+        )
+    atoms = _load_frame(args.start, args.frame, args.system, args.seed)
+    calc = EnsembleCalculator(args.models, drive=task.drive, bias=task.bias, threads=args.threads)
+    summary = run_md(task, atoms, calc, args.output, source=f"{args.start}:{args.system or args.frame}")
     print(f"{task.name}: {summary['status']}{' (' + summary['reason'] + ')' if summary['reason'] else ''}, {summary['frames']} frames, {summary['steps_done']} steps")
 
 
@@ -120,6 +173,88 @@ def _cmd_select(args: argparse.Namespace) -> None:
     print(f"{r['frames']} frames: {c['accurate']} accurate, {c['candidate']} candidate, {c['failed']} failed; selected {r['selected']}; converged: {r['converged']}")
 
 
+def _cmd_init(args: argparse.Namespace) -> None:
+    from .init_data import make_init, parse_init_spec
+    from .runtime import configure_torch
+
+    configure_torch(args.threads)
+    spec = _spec(args.spec, "init")
+    init = parse_init_spec(spec.get("init", {}), source="--spec")
+    oracle = spec.get("label", {}).get("oracle", {"name": "emt"})
+    max_force = spec.get("label", {}).get("max_force", 50.0)
+    s = make_init(init, oracle, spec["type_map"], args.output, args.seed, args.workdir, max_force=max_force)
+    print("; ".join(f"{x['system']}: {x['frames']} frames of {x['natoms']} atoms" for x in s["systems"]) + (f"; {len(s['failures'])} failed labels" if s["failures"] else ""))
+
+
+def _cmd_holdout(args: argparse.Namespace) -> None:
+    from .init_data import OracleMDSpec, make_holdout, parse_init_spec
+    from .runtime import configure_torch
+
+    configure_torch(args.threads)
+    spec = _spec(args.spec, "holdout")
+    init = parse_init_spec(spec.get("init", {}), source="--spec")
+    h = spec.get("holdout", {})
+    md = OracleMDSpec(trj_freq=h.get("trj_freq", 20), dt_fs=h.get("dt_fs", 2.0), equilibration=h.get("equilibration", 200))
+    oracle = spec.get("label", {}).get("oracle", {"name": "emt"})
+    s = make_holdout(init, spec["systems"], spec["temperatures_K"], h.get("frames", 10), md, oracle, spec["type_map"], args.output, args.seed, args.workdir)
+    print("; ".join(f"{x['system']}: {x['frames']} frames" for x in s["systems"]))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_ensemble
+    from .model.serialize import load_model
+    from .runtime import configure_torch
+
+    configure_torch(args.threads)
+    r = evaluate_ensemble([load_model(m) for m in args.models], args.systems or [], args.output, plot=args.plot)
+    if r["ensemble_mean"]:
+        o = r["ensemble_mean"]
+        print(f"{r['nframes']} frames: ensemble mean energy RMSE {o['energy_rmse_per_atom'] * 1000:.2f} meV/atom, force RMSE {o['force_rmse'] * 1000:.1f} meV/Å; mean max_devi_f {r['max_devi_f']['mean']:.3f} eV/Å")
+    else:
+        print("no held-out frames")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    if len(args.stages) != len(args.iterations):
+        raise DpeltError("give one stage per iteration", key="stages")
+    s = write_report(args.iterations, [int(x) for x in args.stages], args.output, args.finished, args.n_stages)
+    print(f"{s['iterations']} iterations, converged: {s['converged']}, labels: {s['labels_total']}, final held-out force RMSE: {s['final_holdout_force_rmse']}")
+
+
+def _cmd_publish(args: argparse.Namespace) -> None:
+    from .versioning import publish
+
+    tags = publish(args.directory, iterations=None if args.all or not args.iterations else [int(i) for i in args.iterations], remote=args.remote)
+    print(f"published {', '.join(tags)}" if tags else "nothing new to publish")
+
+
+def _cmd_restore(args: argparse.Namespace) -> None:
+    from .versioning import restore
+
+    restore(args.directory, args.tag)
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    from .versioning import verify
+
+    bad = verify(args.directory, args.tags or None)
+    for tag, wrong in bad.items():
+        print(f"{tag}: {'ok' if not wrong else str(len(wrong)) + ' files differ'}")
+        for w in wrong:
+            print(f"  {w}")
+    if any(bad.values()):
+        raise DpeltError("published files differ from their recorded sha256 (see above)")
+
+
+def _cmd_check_config(args: argparse.Namespace) -> None:
+    from .runconfig import load_run_config
+
+    load_run_config(args.config)
+    print(f"{args.config}: valid")
+
+
 def _cmd_example(args: argparse.Namespace) -> None:
     from .quickstart import run_quickstart
 
@@ -132,7 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model from a dpelt YAML or a DeePMD-kit input.json")
-    t.add_argument("config", help="YAML or JSON with model / learning_rate / loss / training")
+    t.add_argument("config", nargs="?", help="YAML or JSON with model / learning_rate / loss / training")
+    t.add_argument("--spec", help="the same input as a JSON string (what the workflow passes)")
+    t.add_argument("--systems", nargs="+", help="training systems (replace training.training_data.systems)")
+    t.add_argument("--start-lr", type=float, help="override learning_rate.start_lr (warm starts)")
     t.add_argument("-o", "--output", default=".", help="output directory (model.pt, checkpoint.pt, lcurve.csv, input.json)")
     t.add_argument("--init-model", help="warm start: initialise weights and statistics from this model file")
     t.add_argument("--restart", help="resume from a checkpoint.pt written by an earlier run")
@@ -166,13 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("explore", help="ensemble MD from one start frame, keeping frames and model deviations")
     x.add_argument("-m", "--models", nargs="+", required=True, help="model files of the ensemble (the first drives)")
     x.add_argument("--start", required=True, help="frames file with the start configuration")
-    x.add_argument("--frame", type=int, default=0, help="index of the start frame in --start")
+    x.add_argument("--frame", type=int, help="index of the start frame in --start (default: 0, or drawn with --seed when --system is given)")
+    x.add_argument("--system", help="start from a frame of the system with this name in --start")
+    x.add_argument("--spec", help="the task as JSON (temperature_K, pressure_bar, ensemble, nsteps, trj_freq, dt_fs, tau_t_fs, tau_p_fs, drive, bias, guards, trust_lo, trust_hi)")
     x.add_argument("-o", "--output", required=True, help="task directory (frames.nc, md.log, md.json)")
     x.add_argument("--name", help="task name recorded with every frame (default: output directory name)")
     x.add_argument("--ensemble", default="nvt", help="nvt (Langevin) | nvt-bussi | nvt-nh | nve | npt | npt-aniso | npt-tri")
-    x.add_argument("--temp", type=float, required=True, help="temperature, K")
+    x.add_argument("--temp", type=float, help="temperature, K")
     x.add_argument("--press", type=float, help="pressure, bar (npt ensembles)")
-    x.add_argument("--nsteps", type=int, required=True)
+    x.add_argument("--nsteps", type=int)
     x.add_argument("--trj-freq", type=int, default=10, help="keep a frame (and evaluate the ensemble) every N steps")
     x.add_argument("--dt", type=float, default=1.0, help="time step, fs")
     x.add_argument("--tau-t", type=float, default=100.0, help="thermostat time constant, fs")
@@ -213,6 +353,59 @@ def build_parser() -> argparse.ArgumentParser:
     se.set_defaults(func=_cmd_select)
 
     add_label_parser(sub)
+
+    i = sub.add_parser("init", help="build the labelled initial data of a run (DP-GEN init_bulk)")
+    i.add_argument("--spec", required=True, help="JSON: {type_map, init, label} sections of the run config")
+    i.add_argument("-o", "--output", required=True, help="frames file (.nc), one group per system")
+    i.add_argument("--workdir", default="work/init", help="directory for the oracle's task files")
+    i.add_argument("--seed", type=int, required=True)
+    i.add_argument("--threads", type=int, default=1)
+    i.set_defaults(func=_cmd_init)
+
+    h = sub.add_parser("holdout", help="build the held-out oracle MD frames of a run")
+    h.add_argument("--spec", required=True, help="JSON: {type_map, init, holdout, label, systems, temperatures_K}")
+    h.add_argument("-o", "--output", required=True)
+    h.add_argument("--workdir", default="work/holdout")
+    h.add_argument("--seed", type=int, required=True)
+    h.add_argument("--threads", type=int, default=1)
+    h.set_defaults(func=_cmd_holdout)
+
+    ev = sub.add_parser("evaluate", help="errors of an ensemble (members and mean) on labelled frames")
+    ev.add_argument("-m", "--models", nargs="+", required=True)
+    ev.add_argument("-s", "--systems", nargs="*", default=[], help="labelled frames (none: an empty evaluation)")
+    ev.add_argument("-o", "--output", required=True, help="metrics JSON")
+    ev.add_argument("--plot", help="parity plot of the ensemble mean (PNG)")
+    ev.add_argument("--threads", type=int, default=1)
+    ev.set_defaults(func=_cmd_evaluate)
+
+    rp = sub.add_parser("report", help="summary, per-iteration table and plots of a run")
+    rp.add_argument("--iterations", nargs="+", required=True, help="iteration directories in order")
+    rp.add_argument("--stages", nargs="+", required=True, help="stage of each iteration")
+    rp.add_argument("--n-stages", type=int, required=True)
+    rp.add_argument("--finished", action="store_true", help="the last stage has ended")
+    rp.add_argument("-o", "--output", default="reports")
+    rp.set_defaults(func=_cmd_report)
+
+    pb = sub.add_parser("publish", help="version finished iterations with DVC (dvc add, git commit, tag iter-NNN)")
+    pb.add_argument("iterations", nargs="*", help="iteration numbers (default: every finished one)")
+    pb.add_argument("--all", action="store_true", help="every finished, unpublished iteration")
+    pb.add_argument("--remote", help="dvc push to this remote afterwards")
+    pb.add_argument("-C", "--directory", default=".", help="run directory (a git repository)")
+    pb.set_defaults(func=_cmd_publish)
+
+    rs = sub.add_parser("restore", help="bring back the datasets and models of a published iteration (iter-NNN)")
+    rs.add_argument("tag")
+    rs.add_argument("-C", "--directory", default=".")
+    rs.set_defaults(func=_cmd_restore)
+
+    vf = sub.add_parser("verify", help="recompute the sha256 of published datasets and models")
+    vf.add_argument("tags", nargs="*", help="iter-NNN tags (default: all published)")
+    vf.add_argument("-C", "--directory", default=".")
+    vf.set_defaults(func=_cmd_verify)
+
+    cc = sub.add_parser("check-config", help="validate a run configuration (schema and cross-field checks)")
+    cc.add_argument("config")
+    cc.set_defaults(func=_cmd_check_config)
 
     e = sub.add_parser("example", help="generate a small EMT copper data set, train on it and test the model")
     e.add_argument("directory", nargs="?", default="demo")

@@ -16,6 +16,7 @@ class DpeltError(Exception):
     def __init__(self, message: str, *, path: str | os.PathLike | None = None, key: str | None = None):
         self.path = None if path is None else os.fspath(path)
         self.key = key
+        self.message = message
         where = []
         if self.path is not None:
             where.append(self.path)

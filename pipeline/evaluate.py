@@ -89,6 +89,21 @@ def parity_plot(path: str | os.PathLike, e_ref: np.ndarray, e_pred: np.ndarray, 
     plt.close(fig)
 
 
+def message_plot(path: str | os.PathLike, text: str) -> None:
+    """A PNG that only says ``text`` (so a plot output always exists)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
 def test_model(model: DeepPot, systems: Sequence[str | os.PathLike], out_json: str | os.PathLike | None = None, plot: str | os.PathLike | None = None) -> dict:
     """Errors of ``model`` on every labelled system under ``systems``; optionally JSON + parity PNG."""
     per_system, total = [], {}
@@ -111,4 +126,53 @@ def test_model(model: DeepPot, systems: Sequence[str | os.PathLike], out_json: s
         write_json_atomic(out_json, result)
     if plot:
         parity_plot(plot, np.concatenate(e_ref), np.concatenate(e_pred), np.concatenate(f_ref), np.concatenate(f_pred))
+    return result
+
+
+def evaluate_ensemble(models: Sequence[DeepPot], systems: Sequence[str | os.PathLike], out_json: str | os.PathLike, plot: str | os.PathLike | None = None) -> dict:
+    """Errors of every member and of the ensemble mean on labelled frames, plus the deviation there.
+
+    Written to ``out_json``: ``members`` (overall metrics per member), ``ensemble_mean``
+    (metrics of the mean prediction), ``max_devi_f`` (mean and max over frames, eV/Å),
+    ``nframes``. ``plot``: parity plot of the ensemble mean.
+    """
+    from .explore.deviation import model_deviation
+
+    member_sums = [dict() for _ in models]
+    mean_sums: dict = {}
+    devi = []
+    e_ref, e_pred, f_ref, f_pred = [], [], [], []
+    for path in systems:
+        for ds in read_systems(path, type_map=models[0].type_map, require_labels=True):
+            if ds.sizes["frame"] == 0:
+                continue
+            preds = [predict(m, ds, source=str(path)) for m in models]
+            for k, p in enumerate(preds):
+                for key, v in _sums(p, ds).items():
+                    member_sums[k][key] = member_sums[k].get(key, 0) + v
+            mean = {key: np.mean([p[key] for p in preds], axis=0) for key in ("energy", "force", "virial")}
+            for key, v in _sums(mean, ds).items():
+                mean_sums[key] = mean_sums.get(key, 0) + v
+            dev = model_deviation(np.stack([p["energy"] for p in preds]), np.stack([p["force"] for p in preds]))
+            devi.append(dev["max_devi_f"])
+            n = ds.sizes["atom"]
+            e_ref.append(ds["energy"].values / n)
+            e_pred.append(mean["energy"] / n)
+            f_ref.append(ds["force"].values.ravel())
+            f_pred.append(mean["force"].ravel())
+    if not devi:
+        result = {"nframes": 0, "members": [], "ensemble_mean": None, "max_devi_f": None}
+        if plot:
+            message_plot(plot, "no held-out frames")
+    else:
+        d = np.concatenate(devi)
+        result = {
+            "nframes": int(len(d)),
+            "members": [_metrics(s) for s in member_sums],
+            "ensemble_mean": _metrics(mean_sums),
+            "max_devi_f": {"mean": float(d.mean()), "max": float(d.max())},
+        }
+        if plot:
+            parity_plot(plot, np.concatenate(e_ref), np.concatenate(e_pred), np.concatenate(f_ref), np.concatenate(f_pred), title="ensemble mean on held-out frames")
+    write_json_atomic(out_json, result)
     return result

@@ -1,0 +1,224 @@
+# Helpers of the workflow: config validation, seeds, the iteration schedule, input functions.
+# Rules stay declarative; everything computed lives here.
+
+import json
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from pipeline.errors import ConfigError
+from pipeline.runconfig import cross_check, stage_systems, stage_trust, train_input
+from pipeline.seeds import derive_seed
+
+
+validate(config, "../config/schema.yaml")
+try:
+    cross_check(config, source="config")
+except ConfigError as exc:
+    raise WorkflowError(f"dpelt: invalid configuration: {exc}") from None
+
+
+wildcard_constraints:
+    i=r"\d{3}",
+    k=r"\d+",
+    task=r"[A-Za-z0-9_.+-]+",
+
+
+SEED = int(config["seed"])
+NUMB_MODELS = int(config["numb_models"])
+STAGES = config["explore"]["stages"]
+THREADS = config["threads"]
+INIT = "data/init/frames.nc"
+HOLDOUT = "data/holdout/frames.nc"
+
+
+def iter_dir(i):
+    """The one place iteration directories are formatted: iter/000, iter/001, ..."""
+    return f"iter/{int(i):03d}"
+
+
+def spec_json(data):
+    """A config section as compact, key-sorted JSON (passed to the dpelt CLI; tracked as a param)."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------- the iteration schedule
+
+
+def select_report(i):
+    """report.json of iteration i; Snakemake waits (re-evaluating the DAG) until it exists."""
+    path = checkpoints.select.get(i=f"{int(i):03d}").output.report
+    return json.loads(Path(path).read_text())
+
+
+def schedule(until=None):
+    """[(iteration, stage)] of the run so far, and whether the last stage has ended.
+
+    Each finished iteration's report decides the next one's stage: a stage ends after
+    `patience` converged iterations in a row or after its `max_iter` iterations; the run ends
+    after the last stage or at config max_iter. With `until`, stop at iteration until-1
+    without reading its own report (the stage of an iteration depends on earlier ones only).
+    """
+    its, stage, in_stage, streak = [], 0, 0, 0
+    last = int(config["max_iter"]) if until is None else min(int(until), int(config["max_iter"]))
+    for i in range(last):
+        its.append((i, stage))
+        if until is not None and i == until - 1:
+            break
+        rep = select_report(i)
+        in_stage += 1
+        streak = streak + 1 if rep["converged"] else 0
+        if streak >= STAGES[stage]["patience"] or in_stage >= STAGES[stage]["max_iter"]:
+            stage, in_stage, streak = stage + 1, 0, 0
+            if stage == len(STAGES):
+                return its, True
+    return its, False
+
+
+def stage_of(i):
+    its, _ = schedule(until=int(i) + 1)
+    if len(its) <= int(i):
+        raise WorkflowError(f"iteration {int(i):03d} is not part of this run (it ended earlier)")
+    return its[int(i)][1]
+
+
+# ---------------------------------------------------------------- exploration tasks
+
+
+def task_table(i):
+    """{task name: (system, temperature K, pressure bar or None)} of iteration i's stage."""
+    s = stage_of(i)
+    st = STAGES[s]
+    table = {}
+    for system in stage_systems(config, s):
+        for T in st["temps"]:
+            for P in st["press"]:
+                name = f"{system}_T{float(T):g}" + ("" if P is None else f"_P{float(P):g}")
+                table[name] = (system, float(T), None if P is None else float(P))
+    return table
+
+
+def explore_outputs(wc):
+    return [f"{iter_dir(wc.i)}/explore/{t}/frames.nc" for t in sorted(task_table(wc.i))]
+
+
+def explore_spec(wc):
+    s = stage_of(wc.i)
+    st = STAGES[s]
+    system, T, P = task_table(wc.i)[wc.task]
+    ex = config["explore"]
+    lo, hi = stage_trust(config, s)
+    return spec_json(
+        {
+            "temperature_K": T,
+            "pressure_bar": P,
+            "ensemble": st["ensemble"],
+            "nsteps": st["nsteps"],
+            "trj_freq": st["trj_freq"],
+            "dt_fs": ex["dt_fs"],
+            "tau_t_fs": ex["tau_t_fs"],
+            "tau_p_fs": ex["tau_p_fs"],
+            "drive": ex["drive"],
+            "bias": ex["bias"],
+            "guards": ex["guards"],
+            "trust_lo": lo,
+            "trust_hi": hi,
+        }
+    )
+
+
+def explore_system(wc):
+    return task_table(wc.i)[wc.task][0]
+
+
+# ---------------------------------------------------------------- data and models
+
+
+def labels_before(wc):
+    """Labels of every earlier iteration (ancient: publishing or restoring them never reruns a job)."""
+    return [ancient(f"{iter_dir(j)}/label/frames.nc") for j in range(int(wc.i))]
+
+
+def known_labels(wc):
+    return [ancient(INIT)] + labels_before(wc)
+
+
+def models_of(wc):
+    return [f"{iter_dir(wc.i)}/train/{k}/model.pt" for k in range(NUMB_MODELS)]
+
+
+def warm_start_model(wc):
+    if config["train"]["warm_start"] and int(wc.i) > 0:
+        return [ancient(f"{iter_dir(int(wc.i) - 1)}/train/{wc.k}/model.pt")]
+    return []
+
+
+def warm_start_args(wc):
+    if not (config["train"]["warm_start"] and int(wc.i) > 0):
+        return ""
+    t = config["train"]
+    args = f"--init-model {iter_dir(int(wc.i) - 1)}/train/{wc.k}/model.pt"
+    if t["warm_start_steps"] is not None:
+        args += f" --steps {t['warm_start_steps']}"
+    if t["warm_start_start_lr"] is not None:
+        args += f" --start-lr {t['warm_start_start_lr']}"
+    return args
+
+
+def holdout_input(wc=None):
+    return [ancient(HOLDOUT)] if config["holdout"]["enabled"] else []
+
+
+def holdout_spec():
+    systems, temps = [], []
+    for s in range(len(STAGES)):
+        systems += [x for x in stage_systems(config, s) if x not in systems]
+        temps += [float(T) for T in STAGES[s]["temps"] if float(T) not in temps]
+    return spec_json({"type_map": config["type_map"], "init": config["init"], "holdout": config["holdout"], "label": config["label"], "systems": systems, "temperatures_K": temps})
+
+
+# ---------------------------------------------------------------- seeds of the jobs
+
+
+def train_seed(wc):
+    return derive_seed(SEED, "train", int(wc.i), int(wc.k))
+
+
+def explore_seed(wc):
+    return derive_seed(SEED, "explore", int(wc.i), wc.task)
+
+
+def select_seed(wc):
+    return derive_seed(SEED, "select", int(wc.i))
+
+
+def select_trust_args(wc):
+    lo, hi = stage_trust(config, stage_of(wc.i))
+    return f"--trust-lo {lo} --trust-hi {hi}"
+
+
+# ---------------------------------------------------------------- the report and publishing
+
+
+def report_inputs(wc):
+    its, _ = schedule()
+    out = []
+    for i, _ in its:
+        d = iter_dir(i)
+        out += [f"{d}/select/report.json", f"{d}/label/summary.json", f"{d}/eval/metrics.json", f"{d}/eval/parity.png"]
+        out += [f"{d}/train/{k}/lcurve.csv" for k in range(NUMB_MODELS)]
+    return out
+
+
+def report_args(wc):
+    its, finished = schedule()
+    return "--iterations " + " ".join(iter_dir(i) for i, _ in its) + " --stages " + " ".join(str(s) for _, s in its) + f" --n-stages {len(STAGES)}" + (" --finished" if finished else "")
+
+
+def publish_finished_run():
+    """After a successful run: publish finished iterations with DVC, if this is a git repository."""
+    if not config["publish"]["auto"] or not Path(".git").exists():
+        return
+    remote = config["publish"]["remote"]
+    shell("dpelt publish --all" + (f" --remote {remote}" if remote else "") + " >> logs/publish.log 2>&1 || echo 'dpelt publish failed: see logs/publish.log'")

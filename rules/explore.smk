@@ -1,0 +1,24 @@
+rule explore:
+    """MD task {task} of iteration {i} driven by the ensemble: frames and model deviations every
+    trj_freq steps, cut at the first blow-up (DP-GEN model_devi)."""
+    input:
+        models=models_of,
+        start=ancient(INIT),
+    output:
+        frames="iter/{i}/explore/{task}/frames.nc",
+        summary="iter/{i}/explore/{task}/md.json",
+        mdlog="iter/{i}/explore/{task}/md.log",
+    params:
+        spec=explore_spec,
+        system=explore_system,
+        seed=explore_seed,
+        threads=THREADS["explore"],
+    log:
+        "logs/explore/{i}_{task}.log",
+    benchmark:
+        "benchmarks/explore/{i}_{task}.tsv"
+    threads: THREADS["explore"]
+    shell:
+        "dpelt explore -m {input.models} --start {input.start} --system {params.system} --spec {params.spec:q} "
+        "-o iter/{wildcards.i}/explore/{wildcards.task} --name {wildcards.task} --seed {params.seed} "
+        "--iteration {wildcards.i} --threads {params.threads} > {log} 2>&1"
