@@ -201,9 +201,12 @@ def restore(root: str | os.PathLike, tag: str, log=print) -> dict:
         dvc_files = [f for f in tracked if f.endswith(".dvc") and (f.startswith("iter/") or f.startswith("data/"))]
         later = [d for d in iteration_dirs(root) if int(d.name) > n]
         moved = []
+        attic = root / "attic" / time.strftime("%Y%m%d-%H%M%S")
+        if (root / "reports").exists():  # reports of the later state: the next run rewrites them
+            attic.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(root / "reports"), str(attic / "reports"))
         if later:
-            attic = root / "attic" / time.strftime("%Y%m%d-%H%M%S")
-            attic.mkdir(parents=True)
+            attic.mkdir(parents=True, exist_ok=True)
             for d in later:
                 shutil.move(str(d), str(attic / d.name))
                 dvc = root / "iter" / f"{d.name}.dvc"
