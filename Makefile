@@ -1,11 +1,11 @@
 # Set-up and the two everyday commands. Everything runs inside ./.venv, created on first use.
-#   make run    - the default pipeline (embedded EMT example)
+#   make run    - the default ELT run (snakemake --cores all on config/config.yaml)
 #   make test   - the test suite (what CI runs; tests marked slow are skipped when CI=true)
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: run test test-all bench clean-venv
+.PHONY: run example test test-all bench clean-venv
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 run: $(BIN)/.installed
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores all
+
+example: $(BIN)/.installed
 	$(BIN)/dpelt example demo
 
 test: $(BIN)/.installed

@@ -7,6 +7,7 @@ status 2, never a bare traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg = replace(cfg, training=t)
     if args.start_lr is not None:
         cfg = replace(cfg, learning_rate=replace(cfg.learning_rate, start_lr=args.start_lr))
-    train(cfg, args.output, init_model=args.init_model, restart=args.restart, threads=args.threads, timing=args.timing)
+    train(cfg, args.output, init_model=args.init_model, restart=args.restart, threads=args.threads, timing=args.timing, resume=args.resume)
 
 
 def _cmd_freeze(args: argparse.Namespace) -> None:
@@ -248,6 +249,15 @@ def _cmd_verify(args: argparse.Namespace) -> None:
         raise DpeltError("published files differ from their recorded sha256 (see above)")
 
 
+def _cmd_resume(args: argparse.Namespace) -> None:
+    from .recovery import resume
+
+    extra = (["--configfile", args.configfile] if args.configfile else []) + list(args.snakemake_args or [])
+    code = resume(args.directory, cores=args.cores, extra=extra)
+    if code:
+        raise SystemExit(code)
+
+
 def _cmd_check_config(args: argparse.Namespace) -> None:
     from .runconfig import load_run_config
 
@@ -274,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", default=".", help="output directory (model.pt, checkpoint.pt, lcurve.csv, input.json)")
     t.add_argument("--init-model", help="warm start: initialise weights and statistics from this model file")
     t.add_argument("--restart", help="resume from a checkpoint.pt written by an earlier run")
+    t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt if it was written for the same input (a killed job)")
     t.add_argument("--threads", type=int, help="torch threads (default: training.threads, $DPELT_THREADS or all)")
     t.add_argument("--seed", type=int, help="override training.seed")
     t.add_argument("--steps", type=int, help="override training.numb_steps")
@@ -403,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("-C", "--directory", default=".")
     vf.set_defaults(func=_cmd_verify)
 
+    ru = sub.add_parser("resume", help="continue a run whose driver was killed: stop leftovers, unlock, rerun incomplete jobs")
+    ru.add_argument("-C", "--directory", default=".")
+    ru.add_argument("--cores", default="all")
+    ru.add_argument("--configfile", help="the run's config, if not config/config.yaml")
+    ru.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="further Snakemake arguments (e.g. --configfile X.yaml)")
+    ru.set_defaults(func=_cmd_resume)
+
     cc = sub.add_parser("check-config", help="validate a run configuration (schema and cross-field checks)")
     cc.add_argument("config")
     cc.set_defaults(func=_cmd_check_config)
@@ -425,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dpelt: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            print(f"dpelt: error: {exc.filename or ''}: no space left on device; nothing half-written was kept, free space and resume", file=sys.stderr)
+            return 28
+        raise
     return 0
 
 

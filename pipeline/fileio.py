@@ -7,11 +7,25 @@ renamed into place (``os.replace`` is atomic on POSIX filesystems).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def _injected_fault(path: Path) -> None:
+    """Testing hook: DPELT_FAULT_ENOSPC=<substring> makes writes to matching paths fail as on a full disk."""
+    pattern = os.environ.get("DPELT_FAULT_ENOSPC")
+    if pattern and pattern in str(path):
+        raise OSError(errno.ENOSPC, "No space left on device (injected by DPELT_FAULT_ENOSPC)", str(path))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -22,9 +36,11 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _injected_fault(path)
     suffix = path.suffix if suffix is None else suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; finished files get the usual mode
     tmp_path = Path(tmp)
     try:
         yield tmp_path

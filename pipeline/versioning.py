@@ -51,8 +51,11 @@ def run(cmd: Sequence[str], cwd: Path, check: bool = True) -> subprocess.Complet
 
 
 @contextlib.contextmanager
-def dvc_lock(root: Path, timeout_s: float = 600.0) -> Iterator[None]:
-    """Serialise dpelt's git/DVC operations in ``root`` (a second publish waits, then gives up)."""
+def dvc_lock(root: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Serialise dpelt's git/DVC operations in ``root`` (a second publish waits, then gives up
+    after ``timeout_s``, default $DPELT_LOCK_TIMEOUT or 600 s)."""
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("DPELT_LOCK_TIMEOUT", 600))
     lock_dir = root / ".dpelt"
     lock_dir.mkdir(exist_ok=True)
     with open(lock_dir / "dvc.lock", "w") as fh:

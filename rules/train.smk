@@ -21,4 +21,4 @@ rule train:
     threads: THREADS["train"]
     shell:
         "dpelt train --spec {params.spec:q} --systems {input.init} {input.labels} -o iter/{wildcards.i}/train/{wildcards.k} "
-        "--seed {params.seed} --threads {params.threads} {params.warm} > {log} 2>&1"
+        "--seed {params.seed} --threads {params.threads} {params.warm} --resume > {log} 2>&1"

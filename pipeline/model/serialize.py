@@ -90,6 +90,9 @@ def read_model_file(path: str | os.PathLike, kind: str = MODEL_KIND) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError("file not found", path=path)
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            raise ModelFileError("not a readable torch file (truncated or another format: no torch.save archive)", path=path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

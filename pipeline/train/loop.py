@@ -135,8 +135,23 @@ class _Progress:
             self.bar.stop()
 
 
-def _checkpoint(path: Path, model: DeepPot, cfg: TrainConfig, opt: torch.optim.Optimizer, step: int, sampler: BatchSampler, rows: list, meta: dict) -> None:
+def _fingerprint(cfg: TrainConfig, train_raw: list, init_model, threads: int) -> str:
+    """What a checkpoint must match to be resumed: config, data content, warm-start model, threads."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode())
+    for ds, _ in train_raw:
+        h.update(content_sha256(ds).encode())
+    if init_model is not None:
+        h.update(Path(init_model).read_bytes())
+    h.update(str(threads).encode())
+    return h.hexdigest()
+
+
+def _checkpoint(path: Path, model: DeepPot, cfg: TrainConfig, opt: torch.optim.Optimizer, step: int, sampler: BatchSampler, rows: list, meta: dict, fingerprint: str = "") -> None:
     data = {
+        "fingerprint": fingerprint,
         "format_version": FORMAT_VERSION,
         "kind": CHECKPOINT_KIND,
         "model": model_to_dict(model, cfg.model, meta),
@@ -156,6 +171,7 @@ def train(
     threads: int | None = None,
     log: Callable[[str], None] = print,
     timing: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> Path:
     """Train a model as configured; returns the path of ``model.pt``.
 
@@ -171,6 +187,17 @@ def train(
     train_raw = load_systems(cfg.training.training_data, type_map, "training.training_data")
     valid_raw = load_systems(cfg.training.validation_data, type_map, "training.validation_data") if cfg.training.validation_data else []
 
+    fingerprint = _fingerprint(cfg, train_raw, init_model, threads)
+    if resume and restart is None and (out_dir / "checkpoint.pt").exists():
+        try:
+            found = read_model_file(out_dir / "checkpoint.pt", kind=CHECKPOINT_KIND)
+        except ModelFileError as exc:
+            log(f"ignoring unreadable checkpoint: {exc}")
+        else:
+            if found.get("fingerprint") == fingerprint:
+                restart = out_dir / "checkpoint.pt"
+            else:
+                log("the checkpoint in the output directory is from another input; starting afresh")
     ckpt = None
     if restart is not None:
         ckpt = read_model_file(restart, kind=CHECKPOINT_KIND)
@@ -270,11 +297,11 @@ def train(
             else:
                 progress.advance(done)
             if done % cfg.training.save_freq == 0 and done < numb_steps:
-                _checkpoint(out_dir / "checkpoint.pt", model, cfg, opt, done, sampler, rows, meta)
+                _checkpoint(out_dir / "checkpoint.pt", model, cfg, opt, done, sampler, rows, meta, fingerprint)
     finally:
         progress.close()
     model.eval()
-    _checkpoint(out_dir / "checkpoint.pt", model, cfg, opt, numb_steps, sampler, rows, meta)
+    _checkpoint(out_dir / "checkpoint.pt", model, cfg, opt, numb_steps, sampler, rows, meta, fingerprint)
     path = save_model(model, cfg.model, out_dir / "model.pt", meta)
     if not rows:
         _write_lcurve(out_dir, cfg, rows, columns)

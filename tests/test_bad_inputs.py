@@ -1,0 +1,170 @@
+"""Table of malformed inputs: each fails at load with one message naming the file and the key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.errors import DpeltError
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = yaml.safe_load((ROOT / "config" / "test.yaml").read_text())
+
+
+def _set(cfg: dict, path: str, value) -> dict:
+    cfg = copy.deepcopy(cfg)
+    node = cfg
+    parts = path.split(".")
+    for p in parts[:-1]:
+        if p.endswith("]"):
+            name, idx = p[:-1].split("[")
+            node = node[name][int(idx)]
+        else:
+            node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return cfg
+
+
+CONFIG_CASES = [
+    ("numb_models", "four", "numb_models"),
+    ("foo", 1, "foo"),
+    ("select.trust_mid", 0.1, "trust_mid"),
+    ("numb_models", -1, "numb_models"),
+    ("explore.stages[0].nsteps", -5, "explore.stages[0].nsteps"),
+    ("select.trust_lo", 0.9, "select.trust_lo"),
+    ("type_map", ["Cu", "Zz"], "type_map"),
+    ("explore.stages[0].systems", ["nowhere"], "explore.stages[0].systems"),
+    ("explore.stages[0].ensemble", "npt", "explore.stages[0].press"),
+    ("explore.stages[0].ensemble", "nvx", "explore.stages[0].ensemble"),
+    ("init.structures[0].lattice", "quasicrystal", "init.structures[0].lattice"),
+    ("train.model.descriptor.rcutt", 4.0, "train.model.descriptor.rcutt"),
+    ("train.model.descriptor.type", "se_atten", "train.model.descriptor.type"),
+    ("label.oracle.name", "nonexistent_code", "label.oracle.name"),
+    ("label.max_failed_ratio", 1.5, "label.max_failed_ratio"),
+    ("init.structures[0].file", "x.cif", "init.structures[0]"),
+    ("type_map", ["Cu", "Cu"], "type_map"),
+    ("train.training.training_data", {"systems": ["a.nc"]}, "train.training.training_data.systems"),
+    ("threads.train", 0, "threads.train"),
+]
+
+
+@pytest.mark.parametrize("path, value, key", CONFIG_CASES, ids=[c[0] + "=" + str(c[1])[:12] for c in CONFIG_CASES])
+def test_bad_run_config(tmp_path, path, value, key):
+    from pipeline.runconfig import load_run_config
+
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump(_set(BASE, path, value)))
+    with pytest.raises(DpeltError) as info:
+        load_run_config(f)
+    msg = str(info.value)
+    assert str(f) in msg and key in msg, msg
+    assert "\n" not in msg.strip()  # one line
+
+
+def test_unparsable_and_missing_config(tmp_path):
+    from pipeline.runconfig import load_run_config
+
+    f = tmp_path / "broken.yaml"
+    f.write_text("seed: [1, 2\n")
+    with pytest.raises(DpeltError, match=r"broken\.yaml: cannot parse YAML"):
+        load_run_config(f)
+    with pytest.raises(DpeltError, match=r"absent\.yaml: file not found"):
+        load_run_config(tmp_path / "absent.yaml")
+
+
+def _npy(tmp_path: Path, **arrays) -> Path:
+    d = tmp_path / "sys"
+    (d / "set.000").mkdir(parents=True)
+    (d / "type.raw").write_text("0\n0\n")
+    (d / "type_map.raw").write_text("Cu\n")
+    base = {"coord": np.zeros((2, 6)) + np.array([0, 0, 0, 1.5, 0, 0.0]), "box": np.tile(np.eye(3).ravel() * 6, (2, 1)), "energy": np.zeros(2), "force": np.zeros((2, 6))}
+    base.update(arrays)
+    for k, v in base.items():
+        np.save(d / "set.000" / f"{k}.npy", v)
+    return d
+
+
+def test_bad_data_files(tmp_path):
+    from pipeline.data import read_systems, write_systems
+    from pipeline.data.netcdf import read_frames
+    from pipeline.examples import emt_bulk_frames
+
+    cases = []
+    cases.append((lambda: read_systems(tmp_path / "missing.nc"), "missing.nc", "not found"))
+    nc = tmp_path / "good.nc"
+    write_systems(emt_bulk_frames(frames_per_temperature=3, temperatures_K=(300,)), nc)
+    cut = tmp_path / "cut.nc"
+    cut.write_bytes(nc.read_bytes()[:2000])
+    cases.append((lambda: read_frames(cut), "cut.nc", "cannot"))
+    d = _npy(tmp_path / "a", energy=np.zeros(3))
+    cases.append((lambda: read_systems(d), "energy.npy", "[energy]"))
+    d2 = _npy(tmp_path / "b", force=np.full((2, 6), np.nan))
+    cases.append((lambda: read_systems(d2), "sys", "[force]"))
+    flipped = tmp_path / "flipped.nc"
+    data = bytearray(nc.read_bytes())
+    target = np.ascontiguousarray(read_frames(nc)[0]["force"].values).tobytes()[64:80]
+    pos = bytes(data).find(target)
+    data[pos + 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    cases.append((lambda: read_frames(flipped), "flipped.nc", "[content_sha256]"))
+    xyz = tmp_path / "f.xyz"
+    write_systems(emt_bulk_frames(frames_per_temperature=1, temperatures_K=(300,)), xyz)
+    cases.append((lambda: read_systems(xyz, type_map=["Au"]), "f.xyz", "[type_map]"))
+    for fn, where, key in cases:
+        with pytest.raises(DpeltError) as info:
+            fn()
+        assert where in str(info.value) and key in str(info.value), str(info.value)
+
+
+def test_bad_model_files(tmp_path):
+    from conftest import randomize_stats, tiny_model_config
+
+    from pipeline.model.deeppot import DeepPot
+    from pipeline.model.serialize import load_model, model_to_dict, save_model
+    from pipeline.train.config import parse_train_config
+    from pipeline.train.loop import train
+
+    model = randomize_stats(DeepPot(tiny_model_config()))
+    good = save_model(model, model.config, tmp_path / "ab.pt")
+    future = tmp_path / "future.pt"
+    d = model_to_dict(model, model.config)
+    d["format_version"] = 7
+    torch.save(d, future)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"format_version": 9, "kind": "dpelt-checkpoint"}, ckpt)
+    text = tmp_path / "text.pt"
+    text.write_text("not a model")
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('ran code')",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "kind": "dpelt-model", "payload": Evil()}, evil)
+    for path, key in ((future, "[format_version]"), (text, "not a readable torch file"), (evil, "refused")):
+        with pytest.raises(DpeltError) as info:
+            load_model(path)
+        assert path.name in str(info.value) and key in str(info.value)
+    from pipeline.model.serialize import read_model_file
+
+    with pytest.raises(DpeltError, match=r"ckpt\.pt \[format_version\]"):
+        read_model_file(ckpt, kind="dpelt-checkpoint")
+    # a model of another type_map as a warm start
+    from pipeline.data.netcdf import write_frames
+    from pipeline.examples import emt_bulk_frames
+
+    write_frames(tmp_path / "cu.nc", emt_bulk_frames(frames_per_temperature=2, temperatures_K=(300,)))
+    cfg = parse_train_config(
+        {
+            "model": {"type_map": ["Cu"], "descriptor": {"sel": [40], "rcut": 4.0, "rcut_smth": 1.5, "neuron": [4, 8, 16], "axis_neuron": 4}, "fitting_net": {"neuron": [16, 16]}},
+            "training": {"training_data": {"systems": [str(tmp_path / "cu.nc")]}, "numb_steps": 1},
+        }
+    )
+    with pytest.raises(DpeltError) as info:
+        train(cfg, tmp_path / "out", init_model=good, log=lambda s: None)
+    assert "ab.pt" in str(info.value) and "[type_map]" in str(info.value)

@@ -1,0 +1,186 @@
+"""Reliability of a run: kill and resume, a full disk, concurrent runs and publishes."""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_workflow import BIN, ROOT, data_hashes, dpelt, snakemake, workflow_dir
+
+TESTS = Path(__file__).resolve().parent
+
+
+def recovery_config() -> dict:
+    cfg = yaml.safe_load((ROOT / "config" / "test.yaml").read_text())
+    cfg["label"]["oracle"] = {"name": "slow_oracle.SlowEMT", "kwargs": {"delay": 0.6}}
+    cfg["select"]["max_labels"] = 4
+    return cfg
+
+
+def env() -> dict:
+    return dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(TESTS))
+
+
+def start(run: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "snakemake"), "--configfile", "config/run.yaml", "--cores", "2", "--rerun-incomplete", *extra],
+        cwd=run, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+def in_flight(run: Path) -> set[str]:
+    """Outputs Snakemake marks incomplete (jobs running now)."""
+    d = run / ".snakemake" / "incomplete"
+    out = set()
+    for f in d.rglob("*") if d.exists() else []:
+        if f.is_file():
+            name = str(f.relative_to(d))
+            try:
+                out.add(base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode())
+            except Exception:
+                out.add(name)
+    return out
+
+
+def processes_in(run: Path) -> list[int]:
+    from pipeline.recovery import _processes_in
+
+    return [pid for pid, _ in _processes_in(run)]
+
+
+def wait_for(cond, timeout: float = 300.0, step: float = 0.05) -> bool:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return True
+        time.sleep(step)
+    return False
+
+
+def job_runs(run: Path) -> Counter:
+    """How many times each job (rule + wildcards) was started, from Snakemake's own logs."""
+    runs = Counter()
+    for log in sorted((run / ".snakemake" / "log").glob("*.snakemake.log")):
+        rule = None
+        for line in log.read_text().splitlines():
+            m = re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):", line.strip())
+            if m:
+                rule = m.group(1)
+                runs[(rule, "")] += 0
+            m = re.match(r"^wildcards: (.*)$", line.strip())
+            if m and rule:
+                runs[(rule, m.group(1))] += 1
+                rule = None
+    return +runs
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run = workflow_dir(tmp_path_factory.mktemp("ref") / "ref", recovery_config())
+    proc = subprocess.run([str(BIN / "snakemake"), "--configfile", "config/run.yaml", "--cores", "2"], cwd=run, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return data_hashes(run)
+
+
+@pytest.mark.slow
+def test_kill_mid_train_mid_md_mid_label_then_resume(tmp_path, reference):
+    run = workflow_dir(tmp_path / "killed", recovery_config())
+    moments = {
+        "train": lambda: any("/train/" in p for p in in_flight(run)),
+        "explore": lambda: any("/explore/" in p for p in in_flight(run)),
+        "label": lambda: any("/label/" in p for p in in_flight(run)) and any((run / "iter").glob("*/label/tasks/*/result.json")),
+    }
+    killed_jobs = set()
+    for moment, cond in moments.items():
+        proc = start(run)
+        assert wait_for(lambda: cond() or proc.poll() is not None), f"never reached {moment}"
+        assert proc.poll() is None, f"run ended before {moment}"
+        killed_jobs |= in_flight(run)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and every job it started
+        proc.wait()
+        assert wait_for(lambda: not processes_in(run), timeout=10), "job processes survived the kill"
+        # resume the documented way, but in the background so the next moment can be caught
+        out = dpelt(run, "resume", "--help")
+        assert out.returncode == 0
+        subprocess.run([str(BIN / "snakemake"), "--unlock", "--configfile", "config/run.yaml"], cwd=run, env=env(), capture_output=True)
+    res = subprocess.run([str(BIN / "dpelt"), "resume", "--configfile", "config/run.yaml"], cwd=run, env=env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert not processes_in(run)
+    assert data_hashes(run) == reference  # bit-identical to the uninterrupted run
+    twice = {job for job, n in job_runs(run).items() if n > 1}
+    assert twice, "no job was interrupted"
+    assert len(twice) <= len(killed_jobs)  # only jobs that were in flight ran again
+    assert all(n <= len(moments) + 1 for n in job_runs(run).values())
+    assert ("init", "") not in twice
+
+
+def test_resume_refuses_a_live_run_and_second_run_is_refused(tmp_path):
+    run = workflow_dir(tmp_path / "live", recovery_config())
+    proc = start(run)
+    try:
+        assert wait_for(lambda: bool(in_flight(run)) or proc.poll() is not None)
+        second = subprocess.run([str(BIN / "snakemake"), "--configfile", "config/run.yaml", "--cores", "1"], cwd=run, env=env(), capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0
+        assert "LockException" in second.stdout + second.stderr or "cannot be locked" in second.stdout + second.stderr
+        r = dpelt(run, "resume")
+        assert r.returncode == 2 and "a run is still active here" in r.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_disk_full_fails_cleanly_and_resume_completes(tmp_path, reference):
+    run = workflow_dir(tmp_path / "full", recovery_config())
+    full = subprocess.run(
+        [str(BIN / "snakemake"), "--configfile", "config/run.yaml", "--cores", "2"],
+        cwd=run, env=env() | {"DPELT_FAULT_ENOSPC": "label/frames.nc"}, capture_output=True, text=True, timeout=900,
+    )
+    assert full.returncode != 0
+    assert not (run / "iter/000/label/frames.nc").exists()  # nothing half-written is taken as finished
+    log = (run / "logs/label/000.log").read_text()
+    assert "no space left on device" in log
+    done_tasks = list((run / "iter/000/label/tasks").glob("*/result.json"))
+    assert done_tasks  # the labels computed before the failure are kept
+    mtimes = {p: p.stat().st_mtime_ns for p in done_tasks}
+    res = subprocess.run([str(BIN / "dpelt"), "resume", "--configfile", "config/run.yaml"], cwd=run, env=env(), capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert data_hashes(run) == reference
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # finished labels were not recomputed
+
+
+def test_two_publishes_never_run_dvc_at_once(tmp_path):
+    run = workflow_dir(tmp_path / "pub", git=True)
+    (run / ".dpelt").mkdir()
+    with open(run / ".dpelt" / "dvc.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        r = subprocess.run([str(BIN / "dpelt"), "publish", "--all"], cwd=run, env=env() | {"DPELT_LOCK_TIMEOUT": "1"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "another dpelt publish/restore holds the lock" in r.stderr
+    assert not (run / ".dvc").exists()  # nothing ran while the lock was held
+
+
+def test_exploded_task_does_not_stop_the_iteration(tmp_path):
+    """A cut trajectory (and one that kept no frame at all) still feeds selection."""
+    from pipeline.data import make_frames
+    from pipeline.data.netcdf import write_frames
+    from pipeline.select import SelectConfig, select
+
+    import numpy as np
+
+    good = make_frames(coord=np.random.default_rng(0).random((5, 2, 3)) * 3, cell=np.eye(3) * 3, atom_type=[0, 0], type_map=["Cu"], source_task="ok", max_devi_f=[0.01, 0.1, 0.1, 0.3, 0.02])
+    cut = good.isel(frame=[0, 1]).assign_attrs(status="stopped", reason="temperature runaway")
+    write_frames(tmp_path / "a.nc", good)
+    write_frames(tmp_path / "b.nc", cut)
+    write_frames(tmp_path / "c.nc", [])
+    r = select([tmp_path / "a.nc", tmp_path / "b.nc", tmp_path / "c.nc"], SelectConfig(trust_lo=0.05, trust_hi=0.2), seed=1, out_dir=tmp_path / "s")
+    assert r["frames"] == 7 and r["selected"] == 3
