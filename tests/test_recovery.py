@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import fcntl
-import json
 import os
 import re
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from test_workflow import BIN, ROOT, data_hashes, dpelt, snakemake, workflow_dir
+from test_workflow import BIN, ROOT, data_hashes, dpelt, workflow_dir
 
 TESTS = Path(__file__).resolve().parent
 
