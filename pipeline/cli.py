@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import DpeltError
+from .interop.cli import add_interop_parsers
 from .label.cli import add_label_parser
 
 
@@ -364,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.set_defaults(func=_cmd_select)
 
     add_label_parser(sub)
+    add_interop_parsers(sub)
 
     i = sub.add_parser("init", help="build the labelled initial data of a run (DP-GEN init_bulk)")
     i.add_argument("--spec", required=True, help="JSON: {type_map, init, label} sections of the run config")

@@ -193,6 +193,11 @@ def select_seed(wc):
     return derive_seed(SEED, "select", int(wc.i))
 
 
+def retry_failed_labels(wc, attempt):
+    """On a retried label job (snakemake --retries), try the failed labels again too."""
+    return "--retry-failed" if attempt > 1 else ""
+
+
 def select_trust_args(wc):
     lo, hi = stage_trust(config, stage_of(wc.i))
     return f"--trust-lo {lo} --trust-hi {hi}"

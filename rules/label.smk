@@ -14,6 +14,7 @@ rule label:
         max_failed=config["label"]["max_failed_ratio"],
         max_force=config["label"]["max_force"],
         threads=THREADS["label"],
+        retry=retry_failed_labels,
     log:
         "logs/label/{i}.log",
     benchmark:
@@ -22,4 +23,4 @@ rule label:
     shell:
         "OMP_NUM_THREADS={params.threads} dpelt label {input.candidates} -o iter/{wildcards.i}/label --oracle {params.oracle} "
         "--oracle-kwargs {params.kwargs:q} --max-failed-ratio {params.max_failed} --max-force {params.max_force} "
-        "--known {input.known} > {log} 2>&1"
+        "--known {input.known} {params.retry} > {log} 2>&1"

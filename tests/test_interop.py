@@ -9,7 +9,6 @@ compare. Tests that need no DeePMD-kit (round trips, refusals, CLI) always run.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -24,7 +23,6 @@ import torch
 
 from conftest import WATER, random_system, randomize_stats, run_model
 from pipeline.errors import ModelFileError
-from pipeline.interop.cli import add_interop_parsers
 from pipeline.interop.deepmd_format import deepmd_dict, export_deepmd, import_deepmd, model_from_deepmd_dict, read_deepmd_file, write_deepmd_file
 from pipeline.model.config import parse_model_config
 from pipeline.model.deeppot import DeepPot
@@ -297,7 +295,7 @@ def deepmd(tmp_path_factory):
     alloy32 = randomize_stats(make_model(["Cu", "Au"], sel, type_one_side=True, resnet_dt=False, precision="float32"), seed=2)
     ctx["models"]["alloy32"] = alloy32
     export_deepmd(alloy32, w / "alloy32.dp")
-    spec["convert"].append([str(w / "alloy32.dp"), str(w / "alloy32.pth")])
+    spec["convert"] += [[str(w / "alloy32.dp"), str(w / "alloy32.pth")], [str(w / "alloy32.pth"), str(w / "alloy32_back.yaml")]]
     add_eval(w / "alloy32.pth", "alloy", "alloy32_pth")
     # -- dp test on the alloy (labels: dpelt's prediction + noise, with virials) -------------
     pred = dpelt_predict(alloy, cs, bs, as_)
@@ -348,7 +346,7 @@ def deepmd_result(ctx, tag):
 
 
 def report_line(ctx, what, rel):
-    print(f"{what}: max relative difference energy {rel['energy']:.2e}, force {rel['force']:.2e}, virial {rel['virial']:.2e}")
+    print(f"{what}: max relative difference " + ", ".join(f"{k} {v:.2e}" for k, v in rel.items()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,7 +361,13 @@ def test_exported_alloy_equals_deepmd(deepmd):
     report_line(deepmd, "alloy .yaml -> .pth", assert_same_prediction(deepmd_result(deepmd, "alloy_pth"), ours, what="alloy .pth"))
     dp_direct = deepmd["report"]["errors"].get(f"eval:{deepmd['dir'] / 'alloy_dp.npz'}")
     if dp_direct is None:  # DeePMD-kit's NumPy backend on the .dp itself
-        report_line(deepmd, "alloy .dp (dpmodel backend)", assert_same_prediction(deepmd_result(deepmd, "alloy_dp"), ours, what="alloy .dp"))
+        direct = deepmd_result(deepmd, "alloy_dp")
+        if np.isnan(direct["force"]).all():  # that backend has no autograd: energies only
+            rel = {"energy": max_rel(direct["energy"], ours["energy"])}
+            assert rel["energy"] <= RTOL, f"alloy .dp: max relative energy difference {rel} exceeds {RTOL}"
+        else:
+            rel = assert_same_prediction(direct, ours, what="alloy .dp")
+        report_line(deepmd, "alloy .dp (dpmodel backend)", rel)
 
 
 @needs_deepmd
@@ -417,13 +421,14 @@ def test_dp_test_rmse_equals_dpelt_test(deepmd, name, tmp_path, capsys):
 def test_deepmd_reserialised_model_imports_identically(deepmd):
     """DeePMD-kit rebuilds the exported .pth from model_def_script + state (convert .pth -> .yaml):
     importing that gives dpelt's original arrays exactly."""
-    errors = {k: v for k, v in deepmd["report"]["errors"].items() if "alloy_back" in k}
-    assert not errors, "\n".join(errors.values())
-    back = import_deepmd(deepmd["dir"] / "alloy_back.yaml")
-    orig = deepmd["models"]["alloy"].state_dict()
-    for key, value in back.state_dict().items():
-        assert torch.equal(value, orig[key]), key
-    assert back.sel == deepmd["models"]["alloy"].sel and back.config.descriptor == deepmd["models"]["alloy"].config.descriptor
+    for name in ("alloy", "alloy32"):
+        errors = {k: v for k, v in deepmd["report"]["errors"].items() if f"{name}_back" in k}
+        assert not errors, "\n".join(errors.values())
+        back = import_deepmd(deepmd["dir"] / f"{name}_back.yaml")
+        orig = deepmd["models"][name].state_dict()
+        for key, value in back.state_dict().items():
+            assert value.dtype == orig[key].dtype and torch.equal(value, orig[key]), (name, key)
+        assert back.sel == deepmd["models"][name].sel and back.config.descriptor == deepmd["models"][name].config.descriptor
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,6 +473,9 @@ def test_import_deepmd_model(deepmd, source, tag, tmp_path):
     written_by_deepmd = {"native_pair.pth": "native_pair.dp", "native_one.pth": "native_one.yaml"}.get(source, source)
     original = read_deepmd_file(deepmd["dir"] / written_by_deepmd)
     again = read_deepmd_file(tmp_path / "again.yaml")
+    for tree in (original, again):  # DeePMD-kit spells "no atom_ener" as None or [] depending on the writer
+        if not any(tree["model"]["fitting"].get("atom_ener") or []):
+            tree["model"]["fitting"]["atom_ener"] = []
     diffs = _same_tree(original["model"], again["model"])
     assert not diffs, diffs[:10]
 
@@ -511,8 +519,9 @@ def alloy_model():
     return randomize_stats(make_model(["Cu", "Au"], [20, 20], type_one_side=False, resnet_dt=True), seed=3)
 
 
-@pytest.mark.parametrize("suffix", [".dp", ".yaml", ".yml"])
-def test_export_import_round_trip_exact(tmp_path, alloy_model, suffix):
+@pytest.mark.parametrize("suffix, precision", [(".dp", "float64"), (".yaml", "float64"), (".yml", "float64"), (".dp", "float32")])
+def test_export_import_round_trip_exact(tmp_path, suffix, precision):
+    alloy_model = randomize_stats(make_model(["Cu", "Au"], [20, 20], type_one_side=precision == "float32", resnet_dt=True, precision=precision), seed=3)
     path = export_deepmd(alloy_model, tmp_path / f"m{suffix}")
     back = import_deepmd(path)
     a, b = alloy_model.state_dict(), back.state_dict()
@@ -638,8 +647,9 @@ def test_pth_with_code_objects_refused(tmp_path):
 
 
 def test_cli_export_import(tmp_path, alloy_model, capsys):
-    parser = argparse.ArgumentParser(prog="dpelt")
-    add_interop_parsers(parser.add_subparsers(dest="command", required=True))
+    from pipeline.cli import build_parser
+
+    parser = build_parser()  # the `dpelt` console script's parser
     model_file = save_model(alloy_model, alloy_model.config, tmp_path / "m.pt")
     args = parser.parse_args(["export", str(model_file), str(tmp_path / "m.dp")])
     args.func(args)

@@ -487,6 +487,8 @@ class _Reader:
     def require(self, node: dict, key: str, allowed: tuple, where: str, default: Any = None, what: str = "") -> Any:
         """An option dpelt implements only at the values ``allowed`` (missing = ``default``)."""
         value = node.get(key, default)
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
         ok = any(value == a and type(value) is not bool or value is a for a in allowed) or (
             isinstance(value, (list, tuple)) and any(isinstance(a, list) and list(value) == a for a in allowed)
         )
@@ -807,11 +809,11 @@ def model_from_deepmd_dict(data: dict, source: str = "<deepmd model>") -> DeepPo
             state[f"fitting.nets.{t}.layers.{li}.bias"] = tensor(b)
             if idt is not None:
                 state[f"fitting.nets.{t}.layers.{li}.idt"] = tensor(idt)
-    ob = np.array(out_bias[0, :, 0], dtype=npdtype)
-    fb = np.array(bias_fit[:, 0], dtype=npdtype)
+    ob = np.array(out_bias[0, :, 0], dtype=np.float64)
+    fb = np.array(bias_fit[:, 0], dtype=np.float64)
     state["descriptor.davg"] = tensor(davg)
     state["descriptor.dstd"] = tensor(dstd)
-    state["fitting.bias_atom_e"] = torch.from_numpy(ob + fb)
+    state["fitting.bias_atom_e"] = tensor(ob + fb)  # DeePMD-kit adds both to every atomic energy
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -824,6 +826,8 @@ def model_from_deepmd_dict(data: dict, source: str = "<deepmd model>") -> DeepPo
     }
     if isinstance(out_std, np.ndarray) and out_std.shape == (1, nt, 1):
         extra["out_std"] = [float(x) for x in out_std[0, :, 0]]
+    if "atom_ener" in f and f["atom_ener"] != []:  # a "none set" spelling (None, [None, …]): kept for export
+        extra["atom_ener"] = list(f["atom_ener"]) if isinstance(f["atom_ener"], (list, tuple, np.ndarray)) else None
     mnd = (data.get("@variables") or {}).get("min_nbor_dist")
     if mnd is not None and np.asarray(mnd).size == 1:
         extra["min_nbor_dist"] = float(np.asarray(mnd))
@@ -869,7 +873,6 @@ def deepmd_dict(model: DeepPot) -> dict:
     nt = model.ntypes
     type_map = list(model.type_map)
     precision = "float32" if model.model_dtype == torch.float32 else "float64"
-    npdtype = np.float32 if precision == "float32" else np.float64
     davg, dstd = _np(desc.davg), _np(desc.dstd)
     _check_stats_per_section(davg, dstd, model.sel, "stats", "<dpelt model>")
     neuron = [int(n) for n in d.neuron]
@@ -908,20 +911,21 @@ def deepmd_dict(model: DeepPot) -> dict:
         for net in model.fitting.nets
     ]
     # energy bias: DeePMD-kit's atomic-model out_bias (+ a zero fitting bias), unless the model
-    # was imported and still holds the imported split
-    bias = _np(model.fitting.bias_atom_e).astype(npdtype)
+    # was imported and still holds the imported split. DeePMD-kit keeps these in float64 for
+    # every model precision.
+    bias = _np(model.fitting.bias_atom_e)
     extra = (getattr(model, "metadata", None) or {}).get("deepmd") or {}
-    out_bias, fit_bias = bias.copy(), np.zeros(nt, dtype=npdtype)
+    out_bias, fit_bias = bias.astype(np.float64), np.zeros(nt)
     try:
-        ob = np.array(extra["out_bias"], dtype=npdtype)
-        fb = np.array(extra["fitting_bias_atom_e"], dtype=npdtype)
-        if ob.shape == fb.shape == (nt,) and np.array_equal(ob + fb, bias):
+        ob = np.array(extra["out_bias"], dtype=np.float64)
+        fb = np.array(extra["fitting_bias_atom_e"], dtype=np.float64)
+        if ob.shape == fb.shape == (nt,) and np.array_equal((ob + fb).astype(bias.dtype), bias):
             out_bias, fit_bias = ob, fb
     except (KeyError, TypeError, ValueError):
         pass
-    out_std = np.ones(nt, dtype=npdtype)
+    out_std = np.ones(nt)
     if isinstance(extra.get("out_std"), list) and len(extra["out_std"]) == nt:
-        out_std = np.array(extra["out_std"], dtype=npdtype)
+        out_std = np.array(extra["out_std"], dtype=np.float64)
     descriptor = {
         "@class": "Descriptor",
         "type": "se_e2_a",
@@ -970,7 +974,7 @@ def deepmd_dict(model: DeepPot) -> dict:
         "rcond": f.rcond,
         "exclude_types": [],
         "trainable": [bool(f.trainable)] * (len(fneuron) + 1),
-        "atom_ener": [],
+        "atom_ener": extra.get("atom_ener", []),
         "layer_name": None,
         "use_aparam_as_mask": False,
         "spin": None,

@@ -1,0 +1,106 @@
+"""The loop through Snakemake's SLURM executor on a real single-node SLURM (started by the test).
+
+Needs root and apt (Debian/Ubuntu): scripts/start-local-slurm.sh installs munge and SLURM,
+configures and starts them; scripts/stop-local-slurm.sh stops exactly that at the end,
+whatever happens. Every Snakemake call runs under a hard kill timeout (the executor's default
+status command, sacct, would wait for ever without an accounting database: the tests use
+`--slurm-status-command squeue`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from test_workflow import BIN, ROOT, data_hashes, workflow_dir
+
+TESTS = Path(__file__).resolve().parent
+SLURM_ARGS = ["--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1"]
+HARD_LIMIT_S = 1200
+
+
+def _env() -> dict:
+    return dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", PYTHONPATH=str(TESTS))
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if shutil.which("bash") is None:
+        pytest.skip("bash not available")
+    try:
+        import snakemake_executor_plugin_slurm  # noqa: F401
+    except ImportError:
+        pytest.skip("snakemake-executor-plugin-slurm is not installed (pip install -e '.[slurm]')")
+    start = subprocess.run(["bash", str(ROOT / "scripts" / "start-local-slurm.sh")], capture_output=True, text=True, timeout=900)
+    if start.returncode == 3:
+        pytest.skip(f"cannot start a local SLURM here: {start.stdout.strip()} {start.stderr.strip()}")
+    try:
+        assert start.returncode == 0, start.stdout + start.stderr
+        yield
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts" / "stop-local-slurm.sh")], capture_output=True, text=True, timeout=120)
+
+
+def slurm_profile(run: Path) -> Path:
+    """The project's SLURM profile, pointed at the local partition with memory that fits the node."""
+    prof = yaml.safe_load((ROOT / "config" / "profiles" / "slurm" / "config.yaml").read_text())
+    prof["default-resources"] = {"slurm_partition": "debug", "runtime": 30, "mem_mb": 1000, "cpus_per_task": 1}
+    prof["set-resources"] = {rule: {"mem_mb": 1000, "cpus_per_task": 1} for rule in prof["set-resources"]}
+    d = run / "profile"
+    d.mkdir()
+    (d / "config.yaml").write_text(yaml.safe_dump(prof))
+    return d
+
+
+def run_slurm(run: Path, *extra: str, configfile: str = "config/test.yaml") -> tuple[subprocess.CompletedProcess, float]:
+    cmd = ["timeout", "-s", "KILL", str(HARD_LIMIT_S), str(BIN / "snakemake"), "--profile", str(slurm_profile(run)), "--configfile", configfile, *SLURM_ARGS, *extra]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=run, env=_env(), capture_output=True, text=True)
+    return proc, time.perf_counter() - t
+
+
+def run_local(run: Path, configfile: str = "config/test.yaml") -> float:
+    t = time.perf_counter()
+    proc = subprocess.run(["timeout", "-s", "KILL", str(HARD_LIMIT_S), str(BIN / "snakemake"), "--cores", "2", "--configfile", configfile], cwd=run, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return time.perf_counter() - t
+
+
+def test_loop_through_slurm_is_bit_identical_to_local(tmp_path, slurm):
+    local = workflow_dir(tmp_path / "local")
+    t_local = run_local(local)
+    remote = workflow_dir(tmp_path / "slurm")
+    proc, t_slurm = run_slurm(remote)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "slurm" in (proc.stdout + proc.stderr).lower()
+    a, b = data_hashes(local), data_hashes(remote)
+    assert a.keys() == b.keys() and a == b
+    iters = json.loads((remote / "reports" / "summary.json").read_text())["iterations"]
+    print(f"\nlocal {t_local:.0f} s, SLURM {t_slurm:.0f} s for {iters} iterations: {(t_slurm - t_local) / iters:.0f} s more per iteration")
+
+
+def test_failing_job_is_reported_and_retried(tmp_path, slurm):
+    cfg = yaml.safe_load((ROOT / "config" / "test.yaml").read_text())
+    cfg["label"] = {"oracle": {"name": "flaky_oracle.FlakyEMT", "kwargs": {"marker": str(tmp_path / "crashed")}}, "max_failed_ratio": 0.0}
+    cfg["explore"]["stages"][0]["max_iter"] = 1
+    run = workflow_dir(tmp_path / "flaky", cfg)
+    proc, _ = run_slurm(run, "--retries", "1", configfile="config/run.yaml")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert (tmp_path / "crashed").exists()  # the first label attempt did crash
+    assert "Trying to restart job" in out or "restart" in out.lower()
+    failures = json.loads((run / "iter/000/label/failures.json").read_text())
+    assert failures == []  # the retry labelled the frame that crashed
+    # without retries the failure is reported and the run stops
+    cfg["label"]["oracle"]["kwargs"]["marker"] = str(tmp_path / "crashed2")
+    run2 = workflow_dir(tmp_path / "flaky2", cfg)
+    proc2, _ = run_slurm(run2, configfile="config/run.yaml")
+    out2 = proc2.stdout + proc2.stderr
+    assert proc2.returncode != 0 and "Error in rule label" in out2
