@@ -39,6 +39,13 @@ include: "rules/evaluate.smk"
 include: "rules/report.smk"
 
 
+# Cheap steps the scheduler (SLURM) would only make wait in a queue: the select checkpoint that
+# decides the next iteration, and the report.
+localrules:
+    select,
+    report,
+
+
 rule all:
     """The whole run: every iteration until the last exploration stage converges, and the report."""
     input:

@@ -253,7 +253,8 @@ def _cmd_verify(args: argparse.Namespace) -> None:
 def _cmd_resume(args: argparse.Namespace) -> None:
     from .recovery import resume
 
-    extra = (["--configfile", args.configfile] if args.configfile else []) + list(args.snakemake_args or [])
+    # --configfile=X: Snakemake's --configfile takes several values and would swallow targets
+    extra = ([f"--configfile={args.configfile}"] if args.configfile else []) + list(args.snakemake_args or [])
     code = resume(args.directory, cores=args.cores, extra=extra)
     if code:
         raise SystemExit(code)

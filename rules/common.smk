@@ -76,6 +76,12 @@ def schedule(until=None):
     return its, False
 
 
+def earlier_select_reports(wc):
+    """report.json of every iteration before {i}: they decide its stage. Declared as input so
+    that a job run elsewhere (a SLURM job step) sees these checkpoints as finished too."""
+    return [checkpoints.select.get(i=f"{j:03d}").output.report for j in range(int(wc.i))]
+
+
 def stage_of(i):
     its, _ = schedule(until=int(i) + 1)
     if len(its) <= int(i):
@@ -193,9 +199,14 @@ def select_seed(wc):
     return derive_seed(SEED, "select", int(wc.i))
 
 
-def retry_failed_labels(wc, attempt):
+def label_attempt(wc, attempt):
+    """The attempt number of a label job (1, then 2, … under snakemake --retries)."""
+    return attempt
+
+
+def retry_failed_labels(wc, resources):
     """On a retried label job (snakemake --retries), try the failed labels again too."""
-    return "--retry-failed" if attempt > 1 else ""
+    return "--retry-failed" if resources.label_attempt > 1 else ""
 
 
 def select_trust_args(wc):

@@ -4,6 +4,7 @@ rule explore:
     input:
         models=models_of,
         start=ancient(INIT),
+        earlier=earlier_select_reports,
     output:
         frames="iter/{i}/explore/{task}/frames.nc",
         summary="iter/{i}/explore/{task}/md.json",

@@ -20,6 +20,8 @@ rule label:
     benchmark:
         "benchmarks/label/{i}.tsv"
     threads: THREADS["label"]
+    resources:
+        label_attempt=label_attempt,
     shell:
         "OMP_NUM_THREADS={params.threads} dpelt label {input.candidates} -o iter/{wildcards.i}/label --oracle {params.oracle} "
         "--oracle-kwargs {params.kwargs:q} --max-failed-ratio {params.max_failed} --max-force {params.max_force} "

@@ -5,6 +5,7 @@ checkpoint select:
     input:
         frames=explore_outputs,
         known=known_labels,
+        earlier=earlier_select_reports,
     output:
         candidates="iter/{i}/select/candidates.nc",
         report="iter/{i}/select/report.json",

@@ -94,3 +94,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """config/test.yaml run to the end with --cores 2 in a git repository (shared by the workflow
+    and SLURM tests; tests that change it work on a copy)."""
+    from test_workflow import snakemake, workflow_dir
+
+    run = workflow_dir(tmp_path_factory.mktemp("run") / "a", git=True)
+    snakemake(run, "--cores", "2")
+    return run

@@ -50,14 +50,6 @@ def data_hashes(run: Path) -> dict[str, str]:
     return manifest(run, [run / "data", run / "iter"], data_only=True)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """config/test.yaml run to the end with --cores 2 in a git repository."""
-    run = workflow_dir(tmp_path_factory.mktemp("run") / "a", git=True)
-    snakemake(run, "--cores", "2")
-    return run
-
-
 def test_dry_run_and_lint(tmp_path):
     run = workflow_dir(tmp_path)
     dry = snakemake(run, "-n")

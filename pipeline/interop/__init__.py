@@ -7,6 +7,13 @@ its ASE calculator and LAMMPS' ``pair_style deepmd``; ``import_deepmd`` reads ``
 (without importing DeePMD-kit and without running code from the file).
 """
 
-from .deepmd_format import export_deepmd, import_deepmd
-
 __all__ = ["export_deepmd", "import_deepmd"]
+
+
+def __getattr__(name: str):
+    # imported on first use: `dpelt --help` and the CLI's other commands do not pay for torch here
+    if name in __all__:
+        from . import deepmd_format
+
+        return getattr(deepmd_format, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
