@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes, compare_atoms
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from .errors import DpeltError
@@ -31,7 +31,34 @@ def atom_types(symbols: Sequence[str], type_map: Sequence[str]) -> np.ndarray:
     return np.array([lookup[s] for s in symbols], dtype=np.int64)
 
 
-class DeepPotCalculator(Calculator):
+class _ExactStateCheck:
+    """``check_state`` comparing positions, numbers, cell and pbc exactly with ``np.array_equal``.
+
+    ASE's default compares with ``np.isclose`` (tolerance 1e-15 Å) on every property access;
+    in MD that is several comparisons per step, ~5 % of a small system's step. An exact
+    comparison can only report a change ASE would call none, i.e. recompute, never reuse
+    stale results.
+    """
+
+    _EXACT = ("positions", "numbers", "cell", "pbc")
+
+    def check_state(self, atoms, tol=1e-15):
+        old = self.atoms
+        if old is None:
+            return list(all_changes)
+        changes = []
+        for prop, x, y in (
+            ("positions", old.positions, atoms.positions),
+            ("numbers", old.numbers, atoms.numbers),
+            ("cell", old.cell.array, atoms.cell.array),
+            ("pbc", old.pbc, atoms.pbc),
+        ):
+            if x.shape != y.shape or not np.array_equal(x, y):
+                changes.append(prop)
+        return changes + compare_atoms(old, atoms, tol, excluded_properties=set(self._EXACT) | set(self.ignored_changes))
+
+
+class DeepPotCalculator(_ExactStateCheck, Calculator):
     """ASE calculator for one dpelt model file (or a loaded :class:`DeepPot`).
 
     Parameters
@@ -47,7 +74,9 @@ class DeepPotCalculator(Calculator):
     def __init__(self, model: str | os.PathLike | DeepPot, threads: int | None = None, on_overflow: str = "warn", **kwargs):
         super().__init__(**kwargs)
         configure_torch(threads)
-        self.model = load_model(model) if isinstance(model, (str, os.PathLike)) else model.eval()
+        # a model loaded here is ours: freezing its weights lets inference reuse work that does
+        # not depend on positions (see DescriptorSeA._padding_sums_cached)
+        self.model = load_model(model).requires_grad_(False) if isinstance(model, (str, os.PathLike)) else model.eval()
         self.type_map = list(self.model.type_map)
         self.on_overflow = on_overflow
         self.overflow_frames = 0
@@ -78,7 +107,7 @@ class DeepPotCalculator(Calculator):
             self.results["stress"] = full_3x3_to_voigt_6_stress(-virial / atoms.get_volume())
 
 
-class EnsembleCalculator(Calculator):
+class EnsembleCalculator(_ExactStateCheck, Calculator):
     """ASE calculator for an ensemble: one model (or the mean) drives, all are evaluated together.
 
     Parameters
@@ -107,7 +136,7 @@ class EnsembleCalculator(Calculator):
         configure_torch(threads)
         if drive not in ("first", "mean"):
             raise DpeltError(f"drive must be 'first' or 'mean', got {drive!r}", key="drive")
-        loaded = [load_model(m) if isinstance(m, (str, os.PathLike)) else m.eval() for m in models]
+        loaded = [load_model(m).requires_grad_(False) if isinstance(m, (str, os.PathLike)) else m.eval() for m in models]
         self.ensemble = Ensemble(loaded)
         self.type_map = self.ensemble.type_map
         self.drive = drive

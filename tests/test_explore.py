@@ -78,6 +78,34 @@ def test_ensemble_pass_equals_models_one_by_one(same_shapes):
         torch.testing.assert_close(out["virial"][k], ref["virial"], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("type_one_side,precision,resnet_dt", [(True, "float64", False), (False, "float64", True), (True, "float32", True)])
+def test_stacked_pass_equals_members_padded_and_full(type_one_side, precision, resnet_dt):
+    """The batched (stacked) ensemble pass gives each member's own energies and forces, with
+    different statistics per member, on the padding-skipping path and on the full-slot path."""
+    models = []
+    for k in range(4):
+        cfg = tiny_model_config(type_one_side=type_one_side, precision=precision, resnet_dt=resnet_dt, seed=10 + k)
+        models.append(randomize_stats(DeepPot(cfg), seed=k))
+    ens = Ensemble(models)
+    assert ens.stack is not None
+    pos, cell, atype = random_system(10, seed=5)
+    rij, nlist, _ = frame_inputs(pos[None], cell[None], (True,) * 3, atype, ens.rcut, ens.sel, ens.type_map)
+    ta = torch.from_numpy(atype)
+    counts = models[0].section_counts(nlist)
+    assert sum(counts) < sum(ens.sel)  # the padding path is exercised
+    tol = 1e-12 if precision == "float64" else 1e-4
+    rij_m = rij.unsqueeze(0).repeat(4, 1, 1, 1, 1)
+    for c in (counts, None):
+        stacked = ens.stack.atomic_energy(rij_m, ta, c)  # [M, nf, nloc]
+        for k, m in enumerate(models):
+            torch.testing.assert_close(stacked[k], m.atomic_energy(rij, ta, c), rtol=0, atol=tol)
+    out = ens.evaluate(rij, nlist, ta)
+    for k, m in enumerate(models):
+        ref = m.forward_rij(rij, nlist, ta)
+        torch.testing.assert_close(out["force"][k], ref["force"], rtol=0, atol=tol)
+        torch.testing.assert_close(out["virial"][k], ref["virial"], rtol=0, atol=tol)
+
+
 def test_identical_models_give_zero_deviation(cu_ensemble):
     calc = EnsembleCalculator([cu_ensemble[0]] * 4, threads=1)
     atoms = cu_atoms()

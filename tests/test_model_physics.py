@@ -168,3 +168,24 @@ def test_neighbour_overflow_is_reported():
     pos, cell, atype = random_system(12, seed=8)
     with pytest.raises(NeighborOverflowError, match="neighbours of type .* within rcut, but sel"):
         run_model(model, pos, cell, atype)
+
+
+def test_inference_padding_cache_is_exact_and_follows_weight_updates():
+    """Frozen weights in eval mode reuse the padding sums; an in-place weight update or a
+    load_state_dict invalidates them, and the result always equals the uncached computation."""
+    model = model_for(type_one_side=True).eval().requires_grad_(False)
+    pos, cell, atype = random_system(10, seed=2)
+    cached = run_model(model, pos, cell, atype, (True,) * 3)
+    assert model.descriptor.__dict__.get("_pad_cache"), "frozen eval-mode inference should use the cache"
+    uncached = run_model(model.train(), pos, cell, atype, (True,) * 3)
+    model.eval()
+    assert cached["energy"] == uncached["energy"]
+    np.testing.assert_array_equal(cached["force"], uncached["force"])
+    with torch.no_grad():
+        model.descriptor.embeddings[0].layers[0].bias.add_(0.3)
+    moved = run_model(model, pos, cell, atype, (True,) * 3)
+    assert moved["energy"] == run_model(model.train(), pos, cell, atype, (True,) * 3)["energy"] != cached["energy"]
+    model.eval()
+    other = model_for(type_one_side=True, seed=11)
+    model.load_state_dict(other.state_dict())
+    assert run_model(model, pos, cell, atype, (True,) * 3)["energy"] == run_model(other.eval(), pos, cell, atype, (True,) * 3)["energy"]

@@ -30,8 +30,10 @@ def scatter_forces(g: torch.Tensor, nlist: torch.Tensor) -> torch.Tensor:
     """
     B, nf, nloc = g.shape[0], g.shape[1], g.shape[2]
     offset = (torch.arange(nf, device=nlist.device) * nloc).view(nf, 1, 1)
-    index = (nlist.clamp(min=0) + offset).reshape(-1)
-    force = g.sum(3).reshape(B, nf * nloc, 3).index_add(1, index, -g.reshape(B, -1, 3))
+    index = (nlist.clamp(min=0) + offset).reshape(1, -1, 1).expand(B, -1, 3)  # [B, nf*nloc*nnei, 3]
+    # scatter_add, not index_add: under use_deterministic_algorithms index_add takes a
+    # sorting path ~8x slower on CPU; scatter_add accumulates in index order (deterministic).
+    force = g.sum(3).reshape(B, nf * nloc, 3).scatter_add(1, index, -g.reshape(B, -1, 3))
     return force.reshape(B, nf, nloc, 3)
 
 

@@ -102,6 +102,35 @@ class DescriptorSeA(nn.Module):
         out = torch.stack(per_type)  # [ntypes, 4, M1]
         return out
 
+    def _padding_sums_cached(self, counts: List[int]) -> torch.Tensor:
+        """:meth:`_padding_sums`, reused while the weights and statistics are unchanged.
+
+        The padding sums depend on ``counts``, weights and statistics, not on positions: an
+        inference step (MD) recomputing them would spend ~20 % of its time here. Cached only
+        when no gradient can flow into the weights (frozen weights or grad mode off), keyed on
+        the tensors' version counters so an in-place update (``load_state_dict``, an optimiser
+        step) invalidates it.
+        """
+        if torch.jit.is_scripting() or self.training:
+            return self._padding_sums(counts)
+        return self._padding_sums_eager_cache(counts)
+
+    @torch.jit.unused
+    def _padding_sums_eager_cache(self, counts: List[int]) -> torch.Tensor:
+        params = list(self.embeddings.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._padding_sums(counts)
+        key = (tuple(counts), self.davg._version, self.dstd._version, self.davg.data_ptr(), self.dstd.data_ptr()) + tuple(
+            (p._version, p.data_ptr()) for p in params
+        )
+        cache = self.__dict__.setdefault("_pad_cache", {})
+        if key not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            with torch.no_grad():
+                cache[key] = self._padding_sums(counts)
+        return cache[key]
+
     def forward(self, rij: torch.Tensor, atype: torch.Tensor, counts: Optional[List[int]] = None) -> torch.Tensor:
         """rij [nf, nloc, nnei, 3] (Å), atype [nloc] -> descriptor [nf, nloc, M1*M2].
 
@@ -143,7 +172,7 @@ class DescriptorSeA(nn.Module):
                 t_i = self._section_sums(s_i, rr_i, counts, ti).reshape(nf, idx.numel(), 4, self.m1)
                 t = t.index_copy(1, idx, t_i)
         if not full:
-            t = t + self._padding_sums(counts)[atype]  # [nf, nloc, 4, M1]
+            t = t + self._padding_sums_cached(counts)[atype]  # [nf, nloc, 4, M1]
         t = t / self.nnei  # [nf, nloc, 4, M1]
         d = torch.matmul(t.transpose(2, 3), t[:, :, :, : self.m2])  # [nf, nloc, M1, M2]
         return d.reshape(nf, nloc, self.m1 * self.m2)

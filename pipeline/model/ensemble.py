@@ -1,8 +1,9 @@
 """An ensemble of DeepPot models evaluated together on one neighbour list.
 
 Members of one ELT iteration share their architecture (same config, same data, different
-seeds), so their parameters are stacked and evaluated in one vectorised pass
-(``torch.func.vmap``): neighbour list, displacements and Python dispatch are paid once.
+seeds), so their parameters are stacked and evaluated in one batched pass
+(:class:`~.stacked.StackedDeepPot`): neighbour list, displacements and Python dispatch are
+paid once.
 Per-model forces come from one backward pass by giving every model its own copy of the
 displacements. Members with different network shapes are evaluated one after the other on
 the same neighbour list (cut-off and ``sel`` must agree).
@@ -10,26 +11,13 @@ the same neighbour list (cut-off and ``sel`` must agree).
 
 from __future__ import annotations
 
-import copy
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
-from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
 
 from ..errors import ModelFileError
 from .deeppot import DeepPot, scatter_forces
-
-
-class _AtomicEnergy(nn.Module):
-    """forward = DeepPot.atomic_energy (what ``functional_call`` evaluates per member)."""
-
-    def __init__(self, model: DeepPot):
-        super().__init__()
-        self.model = model
-
-    def forward(self, rij: torch.Tensor, atype: torch.Tensor, counts: Optional[List[int]]) -> torch.Tensor:
-        return self.model.atomic_energy(rij, atype, counts)
+from .stacked import StackedDeepPot
 
 
 def _shapes(m: DeepPot) -> tuple:
@@ -56,12 +44,7 @@ class Ensemble:
         self.rcut = first.rcut
         self.sel = list(first.sel)
         self.stacked = len(self.models) > 1 and len({_shapes(m) for m in self.models}) == 1
-        if self.stacked:
-            wrappers = [_AtomicEnergy(m) for m in self.models]
-            params, buffers = stack_module_state(wrappers)
-            self.params = {k: v.detach() for k, v in params.items()}
-            self.buffers = buffers
-            self.base = _AtomicEnergy(copy.deepcopy(first)).to("meta")
+        self.stack = StackedDeepPot(self.models) if self.stacked else None
 
     def __len__(self) -> int:
         return len(self.models)
@@ -85,13 +68,8 @@ class Ensemble:
         M = len(self.models)
         counts = self.models[0].section_counts(nlist)
         rij_m = rij.detach().to(torch.float64).unsqueeze(0).repeat(M, 1, 1, 1, 1).requires_grad_(True)  # [M, nf, nloc, nnei, 3]
-        if self.stacked:
-            base = self.base
-
-            def energy(params, buffers, r):
-                return functional_call(base, (params, buffers), (r, atype, counts))
-
-            atom_energy = vmap(energy)(self.params, self.buffers, rij_m)  # [M, nf, nloc]
+        if self.stack is not None:
+            atom_energy = self.stack.atomic_energy(rij_m, atype, counts)  # [M, nf, nloc]
         else:
             atom_energy = torch.stack([m.atomic_energy(rij_m[k], atype, counts) for k, m in enumerate(self.models)])
         e = atom_energy.sum(-1)  # [M, nf]
