@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Sequence
 
 import ase
-import ase.io
 import numpy as np
 import xarray as xr
 from ase.calculators.calculator import PropertyNotImplementedError
@@ -100,6 +99,8 @@ def read_ase(path: str | os.PathLike, type_map: Sequence[str] | None = None, for
     if not path.exists():
         raise DataError("file not found", path=path)
     try:
+        import ase.io  # lazy: pulls in scipy (~0.7 s per process)
+
         images = ase.io.read(path, index=":", format=format)
     except Exception as exc:
         raise DataError(f"ASE cannot read this file: {exc}", path=path) from None
@@ -144,6 +145,8 @@ def write_ase(systems: xr.Dataset | Sequence[xr.Dataset], path: str | os.PathLik
     images = [a for ds in systems for a in frames_to_atoms(ds)]
     if format is None and path.suffix in (".xyz", ".extxyz"):
         format = "extxyz"
+    import ase.io
+
     with atomic_path(path) as tmp:
         ase.io.write(tmp, images, format=format)
     return path

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import xarray as xr
 
 from ..errors import DataError
-from . import ase_io, deepmd_npy, netcdf
+from . import deepmd_npy, netcdf
 from .frames import group_by_system, remap_types, validate_frames
 
 FORMATS = ("netcdf", "deepmd/npy", "extxyz", "ase")
@@ -62,8 +62,12 @@ def read_systems(
         elif kind == "deepmd/npy":
             systems = deepmd_npy.read_deepmd(p, type_map)
         elif kind == "extxyz":
+            from . import ase_io  # lazy: ase.io pulls in scipy (~0.7 s per process)
+
             systems = ase_io.read_ase(p, type_map, format="extxyz")
         elif kind == "ase" or kind.startswith("ase:"):
+            from . import ase_io
+
             systems = ase_io.read_ase(p, type_map, format=kind[4:] or None if ":" in kind else None)
         else:
             raise DataError(f"unknown format {kind!r}; known: {', '.join(FORMATS)}", path=p, key="format")
@@ -85,10 +89,14 @@ def write_systems(systems: xr.Dataset | Sequence[xr.Dataset], dst: str | os.Path
     if fmt == "netcdf":
         return [netcdf.write_frames(dst, systems)]
     if fmt == "extxyz":
+        from . import ase_io
+
         return [ase_io.write_ase(systems, dst, format="extxyz")]
     if fmt == "deepmd/npy":
         return deepmd_npy.write_deepmd(systems, dst)
     if fmt.startswith("ase:"):
+        from . import ase_io
+
         return [ase_io.write_ase(systems, dst, format=fmt[4:])]
     raise DataError(f"unknown output format {fmt!r}; known: netcdf, deepmd/npy, extxyz, ase:<format>", path=dst, key="format")
 

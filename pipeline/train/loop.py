@@ -37,6 +37,15 @@ from .lr import ExpDecay
 CHECKPOINT_KIND = "dpelt-checkpoint"
 
 
+def make_adam(params: list, lr: float) -> torch.optim.Optimizer:
+    """Adam with torch's fused CPU kernel: one kernel per parameter instead of a dozen Python
+    level ops (~2 ms a step for small models), deterministic (element-wise)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # a device or torch build without the fused kernel
+        return torch.optim.Adam(params, lr=lr)
+
+
 def load_systems(data: DataConfig, type_map: Sequence[str], key: str) -> list[tuple]:
     """[(dataset, source)] for every system under the configured paths (labels required)."""
     out = []
@@ -227,7 +236,7 @@ def train(
     batch_sizes = [resolve_batch_size(cfg.training.training_data.batch_size, s.natoms, k) for k, s in enumerate(systems)]
     sampler = BatchSampler(systems, batch_sizes, seed, cfg.training.training_data.auto_prob)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr_sched(0))
+    opt = make_adam(params, lr_sched(0))
     rows: list[dict] = []
     start = 0
     if ckpt is not None:
