@@ -157,7 +157,6 @@ def _cmd_explore(args: argparse.Namespace) -> None:
 def _cmd_select(args: argparse.Namespace) -> None:
     from .data.frames import frame_ids
     from .data.io import read_systems
-    from .model.serialize import load_model
     from .select import SelectConfig, select
 
     cfg = SelectConfig(
@@ -169,7 +168,11 @@ def _cmd_select(args: argparse.Namespace) -> None:
     for p in args.labelled or []:
         for ds in read_systems(p):
             labelled.update(frame_ids(ds).tolist())
-    model = load_model(args.model) if args.model else None
+    model = None
+    if args.model:  # only farthest-point spreading needs a model (and torch: ~2 s to import)
+        from .model.serialize import load_model
+
+        model = load_model(args.model)
     r = select(args.frames, cfg, args.seed, args.output, model=model, iteration=args.iteration, labelled_ids=labelled)
     c = r["counts"]
     print(f"{r['frames']} frames: {c['accurate']} accurate, {c['candidate']} candidate, {c['failed']} failed; selected {r['selected']}; converged: {r['converged']}")
