@@ -149,7 +149,7 @@ class EnsembleCalculator(_ExactStateCheck, Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         from .explore.bias import bias_energy
         from .explore.deviation import model_deviation
-        from .model.deeppot import scatter_forces
+        from .model.deeppot import scatter_forces, virial_from_grad
 
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
@@ -194,7 +194,7 @@ class EnsembleCalculator(_ExactStateCheck, Calculator):
                     g = g.sum(0)  # every member saw the same displacements: [nf, nloc, nnei, 3]
                     forces = forces + scatter_forces(g.unsqueeze(0), nlist)[0, 0].detach().numpy()
                     if periodic:
-                        virial = virial - torch.einsum("nja,njb->ab", g[0], rij[0]).detach().numpy()
+                        virial = virial - virial_from_grad(g.unsqueeze(0), rij.unsqueeze(0))[0, 0].detach().numpy()
                 energy += float(v.detach())
                 self.results["bias_energy"] = float(v.detach())
         self.results["energy"] = energy

@@ -37,6 +37,17 @@ def scatter_forces(g: torch.Tensor, nlist: torch.Tensor) -> torch.Tensor:
     return force.reshape(B, nf, nloc, 3)
 
 
+def virial_from_grad(g: torch.Tensor, rij: torch.Tensor) -> torch.Tensor:
+    """Σ_ij g_ij ⊗ r_ij per model and frame (eV; the virial is its negative).
+
+    g, rij [B, nf, nloc, nnei, 3] -> [B, nf, 3, 3], entry [a, b] = Σ g_a r_b. One batched
+    matmul over all pairs (an einsum here takes a ~4x slower path).
+    """
+    B, nf = g.shape[0], g.shape[1]
+    out = torch.bmm(g.reshape(B * nf, -1, 3).transpose(1, 2), rij.reshape(B * nf, -1, 3))  # [B*nf, 3, 3]
+    return out.reshape(B, nf, 3, 3)
+
+
 class DeepPot(nn.Module):
     """A Deep Potential energy model (se_e2_a). ``sel`` must be concrete (not "auto")."""
 
@@ -121,7 +132,7 @@ class DeepPot(nn.Module):
             g = g.to(torch.float64)  # [nf, nloc, nnei, 3] = ∂E/∂rij
             out["force"] = scatter_forces(g.unsqueeze(0), nlist)[0]  # [nf, nloc, 3]
             if do_virial:
-                out["virial"] = -torch.einsum("fnja,fnjb->fab", g, rij.to(torch.float64))  # [nf, 3, 3]
+                out["virial"] = -virial_from_grad(g.unsqueeze(0), rij.to(torch.float64).unsqueeze(0))[0]  # [nf, 3, 3]
         return out
 
     @torch.jit.export

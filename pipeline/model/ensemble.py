@@ -16,7 +16,7 @@ from typing import Dict, Sequence
 import torch
 
 from ..errors import ModelFileError
-from .deeppot import DeepPot, scatter_forces
+from .deeppot import DeepPot, scatter_forces, virial_from_grad
 from .stacked import StackedDeepPot
 
 
@@ -77,5 +77,5 @@ class Ensemble:
         g = torch.zeros_like(rij_m) if grads[0] is None else grads[0]  # [M, nf, nloc, nnei, 3] = ∂E_m/∂rij
         out = {"energy": e, "atom_energy": atom_energy, "force": scatter_forces(g, nlist), "rij": rij_m}
         if do_virial:
-            out["virial"] = -torch.einsum("mfnja,mfnjb->mfab", g, rij_m)
+            out["virial"] = -virial_from_grad(g, rij_m)  # [M, nf, 3, 3]
         return out
