@@ -98,26 +98,28 @@ def build_neighbor_list(
     tj = atype[j]
     group = i * ntypes + tj
     counts = np.bincount(group, minlength=natoms * ntypes)
-    if (counts.reshape(natoms, ntypes) > sel[None, :]).any():
+    overflow = np.maximum(counts.reshape(natoms, ntypes) - sel[None, :], 0)
+    if overflow.any():
         # overflow: order each (centre, neighbour type) group nearest first, so the nearest are kept
         order = np.argsort(d, kind="stable")
         order = order[np.argsort(group[order], kind="stable")]
     else:
         order = np.argsort(group, kind="stable")
-    group, j, S, D, tj = group[order], j[order], S[order], D[order], tj[order]
-    starts = np.cumsum(counts) - counts
-    rank = np.arange(len(group)) - starts[group]
-    overflow = np.maximum(counts.reshape(natoms, ntypes) - sel[None, :], 0)
-    keep = rank < sel[tj]
-    row = group[keep] // ntypes
-    slot = sec[tj[keep]] + rank[keep]
-    nlist = np.full((natoms, nnei), -1, dtype=np.int64)
-    shift = np.zeros((natoms, nnei, 3), dtype=np.int32)
-    rij = np.empty((natoms, nnei, 3))
+    group_s, tj_s = group[order], tj[order]
+    rank = np.arange(len(order)) - (np.cumsum(counts) - counts)[group_s]  # position within its group
+    flat = i[order] * nnei + sec[tj_s] + rank  # slot in the flattened [natoms * nnei] layout
+    if overflow.any():
+        keep = rank < sel[tj_s]
+        flat, order = flat[keep], order[keep]
+    # flat (1-D) scatters: ~3x faster than indexing with (row, slot) pairs
+    nlist = np.full(natoms * nnei, -1, dtype=np.int64)
+    nlist[flat] = j[order]
+    shift = np.zeros((natoms * nnei, 3), dtype=np.int32)
+    shift[flat] = S[order]
+    rij = np.empty((natoms * nnei, 3))
     rij[:] = padding_vector(rcut)
-    nlist[row, slot] = j[keep]
-    shift[row, slot] = S[keep]
-    rij[row, slot] = D[keep]
+    rij[flat] = D[order]
+    nlist, shift, rij = nlist.reshape(natoms, nnei), shift.reshape(natoms, nnei, 3), rij.reshape(natoms, nnei, 3)
     return NeighborList(nlist=nlist, shift=shift, overflow=overflow, rij=rij, min_distance=float(d.min()) if len(d) else float("inf"))
 
 
