@@ -13,13 +13,32 @@ D is invariant to translation, rotation and permutation of neighbours, and smoot
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .env_mat import environment_matrix, smooth_switch
 from .network import MLP
+
+
+def normalized_rows(rij: torch.Tensor, davg: torch.Tensor, dstd: torch.Tensor, rcut_smth: float, rcut: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """rij [..., n, 3] (Å); davg, dstd broadcastable to [..., n, 4] -> (s_n [..., n, 1], R̃ [..., n, 4]).
+
+    The normalised environment rows, with s_n (the embedding nets' input) returned apart.
+    """
+    r = torch.linalg.vector_norm(rij, dim=-1, keepdim=True)  # [..., n, 1]
+    s = smooth_switch(r, rcut_smth, rcut) / r  # [..., n, 1]
+    s_n = (s - davg[..., :1]) / dstd[..., :1]  # [..., n, 1]
+    a_n = (s * rij / r - davg[..., 1:]) / dstd[..., 1:]  # [..., n, 3]
+    return s_n, torch.cat([s_n, a_n], dim=-1)
+
+
+def net_types(k: int, ntypes: int, type_one_side: bool) -> Tuple[int, int]:
+    """Embedding net k -> (neighbour type it embeds, centre type it serves; -1 = every centre type)."""
+    if type_one_side:
+        return k, -1
+    return k % ntypes, k // ntypes
 
 
 class DescriptorSeA(nn.Module):
@@ -74,9 +93,8 @@ class DescriptorSeA(nn.Module):
         s_secs = torch.split(s_n, counts, dim=1)
         r_secs = torch.split(rr, counts, dim=1)
         for k, net in enumerate(self.embeddings):
-            tj = k if self.type_one_side else k % self.ntypes
-            mine = self.type_one_side or k // self.ntypes == centre_type
-            if mine and counts[tj] > 0:
+            tj, serves = net_types(k, self.ntypes, self.type_one_side)
+            if (serves < 0 or serves == centre_type) and counts[tj] > 0:
                 g_t = net(s_secs[tj])  # [n, c_t, M1]
                 out = out + torch.matmul(r_secs[tj].transpose(1, 2), g_t)  # [n, 4, M1]
         return out
@@ -90,14 +108,14 @@ class DescriptorSeA(nn.Module):
         pad = -self.davg / self.dstd  # [ntypes, nnei, 4]
         per_type: List[torch.Tensor] = [torch.zeros(4, self.m1, dtype=pad.dtype, device=pad.device) for _ in range(self.ntypes)]
         for k, net in enumerate(self.embeddings):
-            tj = k if self.type_one_side else k % self.ntypes
+            tj, serves = net_types(k, self.ntypes, self.type_one_side)
             lo, hi = self.sec[tj] + counts[tj], self.sec[tj + 1]
             if hi > lo:
                 rows = pad[:, lo:hi, :]  # [ntypes, n_pad, 4]
                 g = net(rows[:, :, :1])  # [ntypes, n_pad, M1]
                 t = torch.matmul(rows.transpose(1, 2), g)  # [ntypes, 4, M1]
                 for ti in range(self.ntypes):
-                    if self.type_one_side or ti == k // self.ntypes:
+                    if serves < 0 or ti == serves:
                         per_type[ti] = per_type[ti] + t[ti]
         out = torch.stack(per_type)  # [ntypes, 4, M1]
         return out
@@ -152,11 +170,7 @@ class DescriptorSeA(nn.Module):
             davg = self.davg[atype]
             dstd = self.dstd[atype]
         n_keep = rij.shape[2]
-        r = torch.linalg.vector_norm(rij, dim=-1, keepdim=True)  # [nf, nloc, n_keep, 1]
-        s = smooth_switch(r, self.rcut_smth, self.rcut) / r  # [nf, nloc, n_keep, 1]
-        s_n = (s - davg[:, :, :1]) / dstd[:, :, :1]  # [nf, nloc, n_keep, 1]
-        a_n = (s * rij / r - davg[:, :, 1:]) / dstd[:, :, 1:]  # [nf, nloc, n_keep, 3]
-        rr = torch.cat([s_n, a_n], dim=-1)  # [nf, nloc, n_keep, 4]
+        s_n, rr = normalized_rows(rij, davg, dstd, self.rcut_smth, self.rcut)  # [nf, nloc, n_keep, 1], [.., 4]
         if self.type_one_side:
             t = self._section_sums(s_n.reshape(nf * nloc, n_keep, 1), rr.reshape(nf * nloc, n_keep, 4), counts, -1)
             t = t.reshape(nf, nloc, 4, self.m1)

@@ -99,7 +99,8 @@ def build_neighbor_list(
     group = i * ntypes + tj
     counts = np.bincount(group, minlength=natoms * ntypes)
     overflow = np.maximum(counts.reshape(natoms, ntypes) - sel[None, :], 0)
-    if overflow.any():
+    overflowing = bool(overflow.any())
+    if overflowing:
         # overflow: order each (centre, neighbour type) group nearest first, so the nearest are kept
         order = np.argsort(d, kind="stable")
         order = order[np.argsort(group[order], kind="stable")]
@@ -108,7 +109,7 @@ def build_neighbor_list(
     group_s, tj_s = group[order], tj[order]
     rank = np.arange(len(order)) - (np.cumsum(counts) - counts)[group_s]  # position within its group
     flat = i[order] * nnei + sec[tj_s] + rank  # slot in the flattened [natoms * nnei] layout
-    if overflow.any():
+    if overflowing:
         keep = rank < sel[tj_s]
         flat, order = flat[keep], order[keep]
     # flat (1-D) scatters: ~3x faster than indexing with (row, slot) pairs

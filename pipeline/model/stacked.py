@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .deeppot import DeepPot
-from .env_mat import smooth_switch
+from .descriptor import net_types, normalized_rows
 from .network import MLP, add_twice, tanh
 
 
@@ -77,9 +77,8 @@ class StackedDeepPot:
         s_secs = torch.split(s_n, counts, dim=2)
         r_secs = torch.split(rr, counts, dim=2)
         for k, net in enumerate(self.embeddings):
-            tj = k if self.type_one_side else k % self.ntypes
-            mine = self.type_one_side or k // self.ntypes == centre_type
-            if mine and counts[tj] > 0:
+            tj, serves = net_types(k, self.ntypes, self.type_one_side)
+            if (serves < 0 or serves == centre_type) and counts[tj] > 0:
                 g_t = net(s_secs[tj])  # [M, n, c_t, M1]
                 out = out + torch.matmul(r_secs[tj].transpose(2, 3), g_t)  # [M, n, 4, M1]
         return out
@@ -89,13 +88,13 @@ class StackedDeepPot:
         pad = -self.davg / self.dstd  # [M, ntypes, nnei, 4]
         per_type = [torch.zeros(self.M, 4, self.m1, dtype=pad.dtype) for _ in range(self.ntypes)]
         for k, net in enumerate(self.embeddings):
-            tj = k if self.type_one_side else k % self.ntypes
+            tj, serves = net_types(k, self.ntypes, self.type_one_side)
             lo, hi = self.sec[tj] + counts[tj], self.sec[tj + 1]
             if hi > lo:
                 rows = pad[:, :, lo:hi, :]  # [M, ntypes, n_pad, 4]
                 t = torch.matmul(rows.transpose(2, 3), net(rows[..., :1]))  # [M, ntypes, 4, M1]
                 for ti in range(self.ntypes):
-                    if self.type_one_side or ti == k // self.ntypes:
+                    if serves < 0 or ti == serves:
                         per_type[ti] = per_type[ti] + t[:, ti]
         return torch.stack(per_type, dim=1)
 
@@ -112,11 +111,7 @@ class StackedDeepPot:
             dstd = self.dstd.index_select(2, index)[:, atype]
         davg, dstd = davg.unsqueeze(1), dstd.unsqueeze(1)  # [M, 1, nloc, n_keep, 4]
         n_keep = rij.shape[3]
-        r = torch.linalg.vector_norm(rij, dim=-1, keepdim=True)  # [M, nf, nloc, n_keep, 1]
-        s = smooth_switch(r, self.rcut_smth, self.rcut) / r
-        s_n = (s - davg[..., :1]) / dstd[..., :1]  # [M, nf, nloc, n_keep, 1]
-        a_n = (s * rij / r - davg[..., 1:]) / dstd[..., 1:]  # [M, nf, nloc, n_keep, 3]
-        rr = torch.cat([s_n, a_n], dim=-1)  # [M, nf, nloc, n_keep, 4]
+        s_n, rr = normalized_rows(rij, davg, dstd, self.rcut_smth, self.rcut)  # [M, nf, nloc, n_keep, 1], [.., 4]
         if self.type_one_side:
             t = self._section_sums(s_n.reshape(M, nf * nloc, n_keep, 1), rr.reshape(M, nf * nloc, n_keep, 4), counts, -1)
             t = t.reshape(M, nf, nloc, 4, self.m1)
