@@ -17,7 +17,7 @@ import torch
 
 from .deeppot import DeepPot
 from .descriptor import net_types, normalized_rows
-from .network import MLP, add_twice, tanh
+from .network import MLP, tanh_residual
 
 
 class StackedMLP:
@@ -36,16 +36,11 @@ class StackedMLP:
         lead = x.shape[:-1]
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # [M, N, n_in]
         for weight, bias, idt, shortcut, activation in self.layers:
-            y = torch.baddbmm(bias, x, weight)  # [M, N, n_out]
             if activation:
-                y = tanh(y)
-                if idt is not None:
-                    y = y * idt
-                if shortcut == 1:
-                    y = y + x
-                elif shortcut == 2:
-                    y = add_twice(y, x)
-            x = y
+                u = torch.baddbmm(bias, x, weight, beta=2.0, alpha=2.0)  # [M, N, n_out] = 2(x W + b)
+                x = tanh_residual(u, x, idt, shortcut)
+            else:
+                x = torch.baddbmm(bias, x, weight)  # [M, N, n_out]
         return x.reshape(lead + (x.shape[-1],))
 
 

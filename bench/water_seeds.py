@@ -1,0 +1,145 @@
+"""Accuracy of dpelt vs DeePMD-kit on the water example over several seeds (not a test).
+
+usage: python bench/water_seeds.py [--seeds 1 2 3] [--steps 1500] [--jobs 2]
+                                   [--data ../shared/data/water] [--venv bench/work/deepmd-venv]
+
+One training run per code and seed, from the same input.json as bench/water.py (the DeePMD-kit
+water se_e2_a example, lr schedule compressed to --steps) with ``descriptor.seed``,
+``fitting_net.seed`` and ``training.seed`` all set to the seed; each run uses one thread and
+--jobs runs go side by side (timings are not reported here: bench/water.py measures speed).
+Each model is tested on every frame of data_3 (dpelt test / dp --pt test).
+
+bench/results/water_seeds.json gets the per-seed energy and force RMSE of both codes, their
+mean and sample standard deviation, and the ratio of the means dpelt / DeePMD-kit. One seed
+per code cannot tell a 5 % difference from seed-to-seed spread; this can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from water import water_input  # noqa: E402
+
+
+def _deepmd_helpers():
+    """bench/deepmd/run_deepmd.py (stdlib only at import): its test-output parser."""
+    spec = importlib.util.spec_from_file_location("run_deepmd", HERE / "deepmd" / "run_deepmd.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def seeded_input(data: Path, steps: int, seed: int) -> dict:
+    cfg = water_input(data, steps)
+    cfg["model"]["descriptor"]["seed"] = seed
+    cfg["model"]["fitting_net"]["seed"] = seed
+    cfg["training"]["seed"] = seed
+    return cfg
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, log: Path) -> None:
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {rc}); see {log}")
+
+
+def one_thread_env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", DPELT_THREADS="1", DP_INTRA_OP_PARALLELISM_THREADS="1", DP_INTER_OP_PARALLELISM_THREADS="1")
+
+
+def dpelt_run(data: Path, work: Path, steps: int, seed: int) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "input.json").write_text(json.dumps(seeded_input(data, steps, seed), indent=2))
+    dpelt = str(Path(sys.executable).parent / "dpelt")
+    env = one_thread_env()
+    t = time.perf_counter()
+    _run([dpelt, "train", "input.json", "-o", "out", "--threads", "1"], work, env, work / "train.log")
+    _run([dpelt, "test", "-m", "out/model.pt", "-s", str(data / "data_3"), "-o", "test.json", "--threads", "1"], work, env, work / "test.log")
+    test = json.loads((work / "test.json").read_text())["overall"]
+    return {"rmse_e_per_atom_eV": test["energy_rmse_per_atom"], "rmse_f_eV_per_A": test["force_rmse"], "wall_s": time.perf_counter() - t}
+
+
+def deepmd_run(data: Path, work: Path, steps: int, seed: int, venv: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "input.json").write_text(json.dumps(seeded_input(data, steps, seed), indent=2))
+    dp = str(venv / "bin" / "dp")
+    env = one_thread_env()
+    t = time.perf_counter()
+    _run([dp, "--pt", "train", "input.json"], work, env, work / "train.log")
+    _run([dp, "--pt", "freeze", "-o", "model.pth"], work, env, work / "freeze.log")
+    _run([dp, "--pt", "test", "-m", "model.pth", "-s", str(data / "data_3"), "-n", "100000"], work, env, work / "test.log")
+    lines = [(0.0, line) for line in (work / "test.log").read_text().splitlines()]
+    test = _deepmd_helpers().parse_test(lines)
+    return {"rmse_e_per_atom_eV": test["test_rmse_e_per_atom_eV"], "rmse_f_eV_per_A": test["test_rmse_f_eV_per_A"], "wall_s": time.perf_counter() - t}
+
+
+def summary(runs: dict) -> dict:
+    out = {}
+    for key in ("rmse_e_per_atom_eV", "rmse_f_eV_per_A"):
+        vals = [r[key] for r in runs.values()]
+        out[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None, "min": min(vals), "max": max(vals)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "water")
+    ap.add_argument("--venv", type=Path, default=HERE / "work" / "deepmd-venv")
+    ap.add_argument("--work", type=Path, default=HERE / "work" / "water_seeds")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "water_seeds.json")
+    args = ap.parse_args()
+    if not (args.data / "data_0" / "type.raw").exists():
+        sys.exit(f"water data not found at {args.data}")
+    if not (args.venv / "bin" / "dp").exists():
+        subprocess.run(["bash", str(HERE / "deepmd" / "setup_venv.sh"), str(args.venv)], check=True)
+    data = args.data.resolve()
+    base = args.work.resolve() / f"steps{args.steps}"
+    jobs = []
+    for seed in args.seeds:  # the slow DeePMD-kit runs first, so the two lanes finish together
+        jobs.append(("deepmd", seed, lambda s=seed: deepmd_run(data, base / f"deepmd_seed{s}", args.steps, s, args.venv.resolve())))
+    for seed in args.seeds:
+        jobs.append(("dpelt", seed, lambda s=seed: dpelt_run(data, base / f"dpelt_seed{s}", args.steps, s)))
+    results: dict = {"dpelt": {}, "deepmd": {}}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [(code, seed, pool.submit(fn)) for code, seed, fn in jobs]
+        for code, seed, fut in futures:
+            results[code][str(seed)] = fut.result()
+            print(code, seed, json.dumps(results[code][str(seed)]), flush=True)
+    result = {
+        "what": "test RMSE on data_3 after the same steps, several seeds per code, water se_e2_a example input (one thread per run)",
+        "command": f"python bench/water_seeds.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}",
+        "steps": args.steps,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "per_seed": results,
+        "dpelt": summary(results["dpelt"]),
+        "deepmd": summary(results["deepmd"]),
+    }
+    result["ratio_of_means_dpelt_over_deepmd"] = {
+        k: result["dpelt"][k]["mean"] / result["deepmd"][k]["mean"] for k in ("rmse_e_per_atom_eV", "rmse_f_eV_per_A")
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    print(json.dumps(result["ratio_of_means_dpelt_over_deepmd"], indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
