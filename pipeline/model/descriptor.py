@@ -89,14 +89,17 @@ class DescriptorSeA(nn.Module):
         s_n [n, nnei, 1] and rr [n, nnei, 4] hold only those slots, section after section.
         Returns [n, 4, M1].
         """
-        out = torch.zeros(rr.shape[0], 4, self.m1, dtype=rr.dtype, device=rr.device)
+        out: Optional[torch.Tensor] = None
         s_secs = torch.split(s_n, counts, dim=1)
         r_secs = torch.split(rr, counts, dim=1)
         for k, net in enumerate(self.embeddings):
             tj, serves = net_types(k, self.ntypes, self.type_one_side)
             if (serves < 0 or serves == centre_type) and counts[tj] > 0:
                 g_t = net(s_secs[tj])  # [n, c_t, M1]
-                out = out + torch.matmul(r_secs[tj].transpose(1, 2), g_t)  # [n, 4, M1]
+                term = torch.matmul(r_secs[tj].transpose(1, 2), g_t)  # [n, 4, M1]
+                out = term if out is None else out + term
+        if out is None:  # no neighbour at all
+            return torch.zeros(rr.shape[0], 4, self.m1, dtype=rr.dtype, device=rr.device)
         return out
 
     def _padding_sums(self, counts: List[int]) -> torch.Tensor:
