@@ -11,7 +11,9 @@ Each model is tested on every frame of data_3 (dpelt test / dp --pt test).
 
 bench/results/water_seeds.json gets the per-seed energy and force RMSE of both codes, their
 mean and sample standard deviation, and the ratio of the means dpelt / DeePMD-kit. One seed
-per code cannot tell a 5 % difference from seed-to-seed spread; this can.
+per code cannot tell a 5 % difference from seed-to-seed spread; this can. Runs finished by an
+earlier invocation (``result.json`` in their work directory) are reused, so adding seeds only
+trains the new ones.
 """
 
 from __future__ import annotations
@@ -86,6 +88,21 @@ def deepmd_run(data: Path, work: Path, steps: int, seed: int, venv: Path) -> dic
     return {"rmse_e_per_atom_eV": test["test_rmse_e_per_atom_eV"], "rmse_f_eV_per_A": test["test_rmse_f_eV_per_A"], "wall_s": time.perf_counter() - t}
 
 
+def reuse_or_run(work: Path, fn) -> dict:
+    """A run's result.json when an earlier invocation finished it (same steps), else run it.
+
+    More seeds can so be added to a finished study without repeating the old ones.
+    """
+    done = work / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    result = fn()
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result) + "\n")
+    os.replace(tmp, done)
+    return result
+
+
 def summary(runs: dict) -> dict:
     out = {}
     for key in ("rmse_e_per_atom_eV", "rmse_f_eV_per_A"):
@@ -109,7 +126,7 @@ def main() -> None:
     if not (args.venv / "bin" / "dp").exists():
         subprocess.run(["bash", str(HERE / "deepmd" / "setup_venv.sh"), str(args.venv)], check=True)
     data = args.data.resolve()
-    base = args.work.resolve() / f"steps{args.steps}"
+    base = args.work.resolve() / f"steps{args.steps}"  # finished runs here are reused (see reuse_or_run)
     jobs = []
     for seed in args.seeds:  # the slow DeePMD-kit runs first, so the two lanes finish together
         jobs.append(("deepmd", seed, lambda s=seed: deepmd_run(data, base / f"deepmd_seed{s}", args.steps, s, args.venv.resolve())))
@@ -117,7 +134,7 @@ def main() -> None:
         jobs.append(("dpelt", seed, lambda s=seed: dpelt_run(data, base / f"dpelt_seed{s}", args.steps, s)))
     results: dict = {"dpelt": {}, "deepmd": {}}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [(code, seed, pool.submit(fn)) for code, seed, fn in jobs]
+        futures = [(code, seed, pool.submit(reuse_or_run, base / f"{code}_seed{seed}", fn)) for code, seed, fn in jobs]
         for code, seed, fut in futures:
             results[code][str(seed)] = fut.result()
             print(code, seed, json.dumps(results[code][str(seed)]), flush=True)

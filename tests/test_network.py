@@ -65,3 +65,23 @@ def test_force_training_gradients_equal_plain_ops():
 
     for a, b in zip(loss_grads(True), loss_grads(False)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_inference_and_training_paths_agree():
+    """DenseLayer evaluates the fused node when its weights get no gradient and separate
+    tanh/shortcut nodes otherwise: same values and input gradients either way."""
+    g = torch.Generator().manual_seed(5)
+    net = MLP(1, [4, 8, 16], resnet_dt=True, generator=g, dtype=torch.float64)
+    x = torch.randn(9, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def value_and_grad():
+        xx = x.clone().requires_grad_(True)
+        y = net(xx)
+        (gx,) = torch.autograd.grad((y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum(), xx)
+        return y.detach(), gx
+
+    y_train, g_train = value_and_grad()
+    net.requires_grad_(False)
+    y_infer, g_infer = value_and_grad()
+    torch.testing.assert_close(y_infer, y_train, rtol=0, atol=1e-14)
+    torch.testing.assert_close(g_infer, g_train, rtol=1e-12, atol=1e-14)

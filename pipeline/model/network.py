@@ -14,6 +14,65 @@ import torch
 from torch import nn
 
 
+class _Tanh(torch.autograd.Function):
+    """tanh(x) = 1 − 2/(exp(2x) + 1), computed in place on one buffer.
+
+    This torch build evaluates float64 ``tanh`` with a scalar routine; the exponential form
+    runs about twice as fast (absolute error ~1e-16). The backward is ATen's
+    ``tanh_backward`` (grad·(1 − y²)), itself twice differentiable, so force training works.
+    """
+
+    # Classic ``forward(ctx, ...)`` form: a separate ``setup_context`` makes every ``apply``
+    # bind arguments through ``inspect.signature`` (~50 µs a call, ~1 ms per MD step here).
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = torch.mul(x, 2.0)
+        y.exp_().add_(1.0).reciprocal_().mul_(-2.0).add_(1.0)  # exp overflow gives exactly ±1
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)
+
+
+class _AddTwice(torch.autograd.Function):
+    """y + (x, x): the residual of a layer that doubles the width, in one pass.
+
+    The backward gives x the sum of the two halves of the gradient (two contiguous halves,
+    not a strided reduction); it is made of differentiable ops, so training can take
+    second derivatives through it.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.n = x.shape[-1]
+        # cat then in-place add: contiguous passes, ~2.5x faster than a broadcast add over a
+        # [..., 2, n] view; x + y == y + x bit for bit
+        return torch.cat([x, x], dim=-1).add_(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n = ctx.n
+        return grad, grad[..., :n] + grad[..., n:]
+
+
+def add_twice(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y + cat([x, x], -1) (the custom one-pass version in eager mode)."""
+    if torch.jit.is_scripting():
+        return y + torch.cat([x, x], dim=-1)
+    return _AddTwice.apply(y, x)
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """Hyperbolic tangent; the fast exponential form in eager mode, ``torch.tanh`` in TorchScript."""
+    if torch.jit.is_scripting():
+        return torch.tanh(x)
+    return _Tanh.apply(x)
+
+
 class _TanhResidual(torch.autograd.Function):
     """A layer's activation and shortcut in one node, from u = 2(x W + b):
 
@@ -21,9 +80,12 @@ class _TanhResidual(torch.autograd.Function):
 
     (shortcut 0: none, 1: x, 2: (x, x); idt None: 1). The matmul stays a built-in ``addmm``
     (whose ``alpha = beta = 2`` gives u at no cost), so autograd still skips weight
-    gradients nobody asked for. Writing tanh through σ(u) saves the element-wise passes that
-    dominate the embedding nets: this torch build evaluates float64 ``tanh`` with a scalar
-    routine, σ is vectorised, and the shortcut and timestep fold into one ``add``/``addcmul``.
+    gradients nobody asked for. Writing tanh through σ(u) and folding the shortcut and
+    timestep into one ``add``/``addcmul`` saves element-wise passes over the embedding nets'
+    [rows, M1] tensors: inference (energy and forces) of the 192-atom water model runs
+    ~5-9 % faster than with the separate nodes. Its second derivative, though, costs autograd
+    more passes than theirs, so :class:`DenseLayer` uses it only when the weights get no
+    gradient (inference, MD, stacked ensembles).
 
     σ(u) is returned as a second output and saved as such, so a second derivative (training
     on forces differentiates the force graph) sees its dependence on u. The backward is
@@ -129,11 +191,27 @@ class DenseLayer(nn.Module):
         self.idt = nn.Parameter(idt) if self.use_dt else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., n_in] -> [..., n_out]."""
+        """x [..., n_in] -> [..., n_out].
+
+        Two equivalent evaluations: while the weights can receive gradients (training) a tanh
+        node and separate shortcut ops, whose second derivative autograd evaluates with fewer
+        passes over memory; otherwise (inference, MD, frozen or stacked models) the fused
+        :func:`tanh_residual` node, which saves element-wise passes in the forward.
+        """
         x2 = x.reshape(-1, x.shape[-1])  # [N, n_in]
         shape = x.shape[:-1] + (self.weight.shape[1],)
         if not self.activation:
             return torch.addmm(self.bias, x2, self.weight).reshape(shape)
+        if torch.jit.is_scripting() or (torch.is_grad_enabled() and self.weight.requires_grad):
+            y = tanh(torch.addmm(self.bias, x2, self.weight))  # [N, n_out]
+            idt = self.idt
+            if idt is not None:
+                y = y * idt
+            if self.shortcut == 1:
+                y = y + x2
+            elif self.shortcut == 2:
+                y = add_twice(y, x2)
+            return y.reshape(shape)
         u = torch.addmm(self.bias, x2, self.weight, beta=2.0, alpha=2.0)  # [N, n_out] = 2(x W + b)
         return tanh_residual(u, x2, self.idt, self.shortcut).reshape(shape)
 
