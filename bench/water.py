@@ -2,6 +2,7 @@
 
 usage: python bench/water.py [--steps 1500] [--threads 2] [--data ../shared/data/water]
                              [--venv bench/work/deepmd-venv] [--skip-deepmd]
+                             [--speed-rounds 3] [--round-steps 300]
 
 Both codes train the example's se_e2_a model (rcut 6.0, rcut_smth 0.5, sel [46, 92],
 neuron [25, 50, 100], axis_neuron 16, fitting [240, 240, 240], resnet_dt, start_lr 1e-3 →
@@ -13,7 +14,10 @@ Reported (bench/results/water.json): training steps/s (steady state, validation 
 both codes do it), start-up time, accuracy on data_3 after the same steps (dpelt test / dp test),
 energy+force+virial evaluations × atoms per second and ASE MD atom·steps/s on the 192-atom box,
 peak RSS — each with the ratio dpelt / DeePMD-kit. Absolute times on a shared 2-core machine are
-noisy; the ratios come from runs made back to back.
+noisy (the same code measures ±10 % apart in runs an hour apart), so after the main run both
+codes repeat their speed measurements --speed-rounds times, interleaved (inference and MD on the
+trained models, a --round-steps training run); "speed" in the JSON holds every measurement and
+the ratios of the best and of the median of each code.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -98,6 +103,48 @@ def run_deepmd(data: Path, work: Path, steps: int, threads: int, venv: Path) -> 
     return json.loads(out.read_text())
 
 
+def dpelt_speed_round(data: Path, work: Path, model: Path, threads: int, train_steps: int) -> dict:
+    """One repeat of dpelt's speed measurements: inference/MD on MODEL, a short training run."""
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), DPELT_THREADS=str(threads))
+    subprocess.run([sys.executable, str(HERE / "dpelt_infer.py"), str(model), str(data / "data_3"), "infer.json", "--threads", str(threads)], cwd=work, env=env, check=True, capture_output=True)
+    infer = json.loads((work / "infer.json").read_text())
+    (work / "input.json").write_text(json.dumps(water_input(data, train_steps), indent=2))
+    dpelt = str(Path(sys.executable).parent / "dpelt")
+    subprocess.run([dpelt, "train", "input.json", "-o", "out", "--threads", str(threads), "--timing", "timing.json"], cwd=work, env=env, check=True, capture_output=True)
+    timing = json.loads((work / "timing.json").read_text())
+    return {"train_steps_per_s": timing["steady_steps_per_s"], "infer_atom_evals_per_s": infer["atom_evals_per_s"], "md_atom_steps_per_s": infer["md_atom_steps_per_s"]}
+
+
+def deepmd_speed_round(data: Path, work: Path, model: Path, threads: int, train_steps: int, venv: Path) -> dict:
+    """One repeat of DeePMD-kit's speed measurements (run_deepmd.py --mode infer, --mode train)."""
+    work.mkdir(parents=True, exist_ok=True)
+    py, script = str(venv / "bin" / "python"), str(HERE / "deepmd" / "run_deepmd.py")
+    common = ["--data", str(data), "--threads", str(threads)]
+    subprocess.run([py, script, *common, "--mode", "infer", "--model", str(model), "--steps", "1", "--work", str(work / "infer"), "--out", str(work / "infer.json")], check=True, capture_output=True)
+    subprocess.run([py, script, *common, "--mode", "train", "--steps", str(train_steps), "--work", str(work / "train"), "--out", str(work / "train.json")], check=True, capture_output=True)
+    infer = json.loads((work / "infer.json").read_text())
+    train = json.loads((work / "train.json").read_text())
+    return {"train_steps_per_s": train["train_steps_per_s"], "infer_atom_evals_per_s": infer["infer_atom_evals_per_s"], "md_atom_steps_per_s": infer["md_atom_steps_per_s"]}
+
+
+SPEEDS = ("train_steps_per_s", "infer_atom_evals_per_s", "md_atom_steps_per_s")
+
+
+def speed_summary(result: dict, rounds: list[dict]) -> dict:
+    """Per code and speed: every measurement (main run first, then the rounds), its best and median;
+    the ratios dpelt / DeePMD-kit of the bests and of the medians."""
+    out: dict = {}
+    for code in ("dpelt", "deepmd"):
+        out[code] = {}
+        for key in SPEEDS:
+            vals = [result[code][key]] + [r[code][key] for r in rounds]
+            out[code][key] = {"all": vals, "best": max(vals), "median": statistics.median(vals)}
+    out["ratio_of_best"] = {k: out["dpelt"][k]["best"] / out["deepmd"][k]["best"] for k in SPEEDS}
+    out["ratio_of_median"] = {k: out["dpelt"][k]["median"] / out["deepmd"][k]["median"] for k in SPEEDS}
+    return out
+
+
 RATIOS = {  # key: True when larger is better
     "train_steps_per_s": True,
     "infer_atom_evals_per_s": True,
@@ -119,6 +166,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=HERE / "work" / "water")
     ap.add_argument("--skip-deepmd", action="store_true", help="only dpelt (no ratios)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "water.json")
+    ap.add_argument("--speed-rounds", type=int, default=3, help="extra interleaved speed repeats of both codes")
+    ap.add_argument("--round-steps", type=int, default=300, help="training steps of a speed repeat")
     args = ap.parse_args()
     if not (args.data / "data_0" / "type.raw").exists():
         sys.exit(f"water data not found at {args.data}")
@@ -127,7 +176,7 @@ def main() -> None:
         shutil.rmtree(work)
     result = {
         "what": "dpelt vs DeePMD-kit (PyTorch backend), water se_e2_a example input, same steps and threads, run back to back",
-        "command": f"python bench/water.py --steps {args.steps} --threads {args.threads}",
+        "command": f"python bench/water.py --steps {args.steps} --threads {args.threads} --speed-rounds {args.speed_rounds} --round-steps {args.round_steps}",
         "steps": args.steps,
         "threads": args.threads,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -141,6 +190,20 @@ def main() -> None:
         result["deepmd"] = run_deepmd(args.data, work / "deepmd", args.steps, args.threads, args.venv)
         result["ratio_dpelt_over_deepmd"] = {k: result["dpelt"][k] / result["deepmd"][k] for k in RATIOS if result["deepmd"].get(k)}
         print(json.dumps(result["ratio_dpelt_over_deepmd"], indent=2))
+        rounds = []
+        for r in range(args.speed_rounds):  # alternate which code goes first
+            print(f"speed round {r + 1}/{args.speed_rounds} ...", flush=True)
+            one = {}
+            for code in (("dpelt", "deepmd") if r % 2 else ("deepmd", "dpelt")):
+                if code == "dpelt":
+                    one[code] = dpelt_speed_round(args.data, work / f"round{r}" / "dpelt", work / "dpelt" / "out" / "model.pt", args.threads, args.round_steps)
+                else:
+                    one[code] = deepmd_speed_round(args.data, work / f"round{r}" / "deepmd", work / "deepmd" / "model.pth", args.threads, args.round_steps, args.venv)
+            rounds.append(one)
+            print(json.dumps(one), flush=True)
+        result["speed"] = speed_summary(result, rounds)
+        result["speed"]["round_train_steps"] = args.round_steps
+        print(json.dumps({k: result["speed"][k] for k in ("ratio_of_best", "ratio_of_median")}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -24,6 +24,8 @@ DP_INTER_OP_PARALLELISM_THREADS = 1:
    timed steps (steps/s, atom-steps/s); peak RSS of this process (kB).
 
 Everything is written to OUT.json (keys carry their unit); logs stay in WORKDIR.
+``--mode train`` stops after step 2 (a training-speed repeat); ``--mode infer --model M`` runs
+only step 4 on the frozen model M (an inference-speed repeat).
 """
 
 import argparse
@@ -194,6 +196,9 @@ def main():
     ap.add_argument("--md-steps", type=int, default=100)
     ap.add_argument("--example", type=Path, default=EXAMPLE,
                     help="water se_e2_a example input.json (default: %(default)s)")
+    ap.add_argument("--mode", choices=["all", "train", "infer"], default="all",
+                    help="train: only step 2 (training speed); infer: only step 4 on --model")
+    ap.add_argument("--model", type=Path, help="frozen model for --mode infer")
     args = ap.parse_args()
     data, work = args.data.resolve(), args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -205,6 +210,12 @@ def main():
                "DP_INTER_OP_PARALLELISM_THREADS": "1"}
     os.environ.update(threads)  # also for the in-process inference (set before importing torch)
     env = dict(os.environ)
+
+    if args.mode == "infer":  # a repeat of step 4 only, for interleaved timing rounds
+        res = {"threads": args.threads, "loadavg_1min_before": os.getloadavg()[0]}
+        res.update(bench_inference(args.model.resolve(), data / "data_3", args.infer_calls, args.md_steps))
+        write_result(args.out, res)
+        return
 
     cfg = make_input(json.loads(args.example.read_text()), data, args.steps)
     (work / "input.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -222,6 +233,9 @@ def main():
                train_to_first_batch_s=first_time(lines, r"Batch\s+1: total wall time"),
                train_neighbor_stat_done_s=first_time(lines, r"Neighbor statistics: training"))
     res.update(train_speed(lines))
+    if args.mode == "train":
+        write_result(args.out, res)
+        return
 
     freeze = run_logged([DP, "--pt", "freeze", "-o", "model.pth"], work, "freeze", env)
     res["freeze_wall_s"] = freeze["wall_s"]
@@ -236,10 +250,14 @@ def main():
                                args.infer_calls, args.md_steps))
 
     res["loadavg_1min_after"] = os.getloadavg()[0]  # > threads means other jobs competed
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
+    write_result(args.out, res)
+
+
+def write_result(out: Path, res: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    os.replace(tmp, out)
     print(json.dumps(res, indent=2))
 
 
