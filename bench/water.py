@@ -168,10 +168,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "water.json")
     ap.add_argument("--speed-rounds", type=int, default=3, help="extra interleaved speed repeats of both codes")
     ap.add_argument("--round-steps", type=int, default=300, help="training steps of a speed repeat")
+    ap.add_argument("--rounds-only", action="store_true", help="add speed repeats to an existing --out of the same --steps (its trained models are reused)")
     args = ap.parse_args()
     if not (args.data / "data_0" / "type.raw").exists():
         sys.exit(f"water data not found at {args.data}")
     work = args.work / f"steps{args.steps}"
+    if args.rounds_only:
+        result = json.loads(args.out.read_text())
+        if result.get("steps") != args.steps or "deepmd" not in result:
+            sys.exit(f"{args.out} is not a finished run with --steps {args.steps}")
+        speed_rounds(args, work, result)
+        write_result(args.out, result)
+        return
     if work.exists():
         shutil.rmtree(work)
     result = {
@@ -190,25 +198,38 @@ def main() -> None:
         result["deepmd"] = run_deepmd(args.data, work / "deepmd", args.steps, args.threads, args.venv)
         result["ratio_dpelt_over_deepmd"] = {k: result["dpelt"][k] / result["deepmd"][k] for k in RATIOS if result["deepmd"].get(k)}
         print(json.dumps(result["ratio_dpelt_over_deepmd"], indent=2))
-        rounds = []
-        for r in range(args.speed_rounds):  # alternate which code goes first
-            print(f"speed round {r + 1}/{args.speed_rounds} ...", flush=True)
-            one = {}
-            for code in (("dpelt", "deepmd") if r % 2 else ("deepmd", "dpelt")):
-                if code == "dpelt":
-                    one[code] = dpelt_speed_round(args.data, work / f"round{r}" / "dpelt", work / "dpelt" / "out" / "model.pt", args.threads, args.round_steps)
-                else:
-                    one[code] = deepmd_speed_round(args.data, work / f"round{r}" / "deepmd", work / "deepmd" / "model.pth", args.threads, args.round_steps, args.venv)
-            rounds.append(one)
-            print(json.dumps(one), flush=True)
-        result["speed"] = speed_summary(result, rounds)
-        result["speed"]["round_train_steps"] = args.round_steps
-        print(json.dumps({k: result["speed"][k] for k in ("ratio_of_best", "ratio_of_median")}, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
+        speed_rounds(args, work, result)
+    write_result(args.out, result)
+
+
+def speed_rounds(args, work: Path, result: dict) -> None:
+    """--speed-rounds interleaved repeats of both codes' speed measurements into result["speed"]."""
+    rounds = []
+    for r in range(args.speed_rounds):  # alternate which code goes first
+        print(f"speed round {r + 1}/{args.speed_rounds} ...", flush=True)
+        one = {}
+        for code in (("dpelt", "deepmd") if r % 2 else ("deepmd", "dpelt")):
+            rdir = work / f"round{r}" / code
+            if rdir.exists():
+                shutil.rmtree(rdir)
+            if code == "dpelt":
+                one[code] = dpelt_speed_round(args.data, rdir, work / "dpelt" / "out" / "model.pt", args.threads, args.round_steps)
+            else:
+                one[code] = deepmd_speed_round(args.data, rdir, work / "deepmd" / "model.pth", args.threads, args.round_steps, args.venv)
+        rounds.append(one)
+        print(json.dumps(one), flush=True)
+    result["speed"] = speed_summary(result, rounds)
+    result["speed"]["round_train_steps"] = args.round_steps
+    result["speed"]["rounds_date"] = time.strftime("%Y-%m-%d %H:%M")
+    print(json.dumps({k: result["speed"][k] for k in ("ratio_of_best", "ratio_of_median")}, indent=2))
+
+
+def write_result(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
