@@ -186,6 +186,6 @@ def test_inference_padding_cache_is_exact_and_follows_weight_updates():
     moved = run_model(model, pos, cell, atype, (True,) * 3)
     assert moved["energy"] == run_model(model.train(), pos, cell, atype, (True,) * 3)["energy"] != cached["energy"]
     model.eval()
-    other = model_for(type_one_side=True, seed=11)
+    other = model_for(type_one_side=True, seed=11).requires_grad_(False)  # frozen like model: same evaluation path, same bits
     model.load_state_dict(other.state_dict())
     assert run_model(model, pos, cell, atype, (True,) * 3)["energy"] == run_model(other.eval(), pos, cell, atype, (True,) * 3)["energy"]
