@@ -150,15 +150,20 @@ def tanh_residual(u: torch.Tensor, x: torch.Tensor, idt: Optional[torch.Tensor],
     One custom autograd node in eager mode, plain ops in TorchScript.
     """
     if torch.jit.is_scripting():
-        y = torch.tanh(u * 0.5)
-        if idt is not None:
-            y = y * idt
-        if shortcut == 1:
-            y = y + x
-        elif shortcut == 2:
-            y = y + torch.cat([x, x], dim=-1)
-        return y
+        return tanh_then_residual(u * 0.5, x, idt, shortcut)
     return _TanhResidual.apply(u, x, idt, shortcut)[0]
+
+
+def tanh_then_residual(z: torch.Tensor, x: torch.Tensor, idt: Optional[torch.Tensor], shortcut: int) -> torch.Tensor:
+    """shortcut(x) + idt ⊙ tanh(z), z = x W + b, as separate nodes (tanh, scaling, shortcut)."""
+    y = tanh(z)
+    if idt is not None:
+        y = y * idt
+    if shortcut == 1:
+        y = y + x
+    elif shortcut == 2:
+        y = add_twice(y, x)
+    return y
 
 
 class DenseLayer(nn.Module):
@@ -203,15 +208,7 @@ class DenseLayer(nn.Module):
         if not self.activation:
             return torch.addmm(self.bias, x2, self.weight).reshape(shape)
         if torch.jit.is_scripting() or (torch.is_grad_enabled() and self.weight.requires_grad):
-            y = tanh(torch.addmm(self.bias, x2, self.weight))  # [N, n_out]
-            idt = self.idt
-            if idt is not None:
-                y = y * idt
-            if self.shortcut == 1:
-                y = y + x2
-            elif self.shortcut == 2:
-                y = add_twice(y, x2)
-            return y.reshape(shape)
+            return tanh_then_residual(torch.addmm(self.bias, x2, self.weight), x2, self.idt, self.shortcut).reshape(shape)
         u = torch.addmm(self.bias, x2, self.weight, beta=2.0, alpha=2.0)  # [N, n_out] = 2(x W + b)
         return tanh_residual(u, x2, self.idt, self.shortcut).reshape(shape)
 
