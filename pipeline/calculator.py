@@ -75,7 +75,7 @@ class DeepPotCalculator(_ExactStateCheck, Calculator):
         super().__init__(**kwargs)
         configure_torch(threads)
         # a model loaded here is ours: freezing its weights lets inference reuse work that does
-        # not depend on positions (see DescriptorSeA._padding_sums_cached)
+        # not depend on positions (see DescriptorSeA._pad_suffix_sums_cached)
         self.model = load_model(model).requires_grad_(False) if isinstance(model, (str, os.PathLike)) else model.eval()
         self.type_map = list(self.model.type_map)
         self.on_overflow = on_overflow
