@@ -201,29 +201,30 @@ class DescriptorSeA(nn.Module):
                 cache[key] = self._pad_suffix_sums()
         return cache[key]
 
-    def _group_inputs(self, s_t: torch.Tensor, width: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, int, int]]]:
+    def _group_inputs(self, s_t: torch.Tensor, width: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], List[Tuple[int, int, int]]]:
         """Plan the width groups of one neighbour section and gather the embedding nets' input.
 
         s_t [n, c, 1]: the section's first c slots; ``width`` [n]: slots an atom really uses
         (1 + its last slot with r < rcut). Atoms are sorted by width and cut into a few
         groups (:func:`width_groups`), each evaluated up to its widest atom. Returns (order
-        [n] of the sorted atoms, the net input [rows, 1], the groups).
+        [n] of the sorted atoms, one net input [n_g * w_g, 1] per group, the groups).
         """
         order = torch.argsort(width, stable=True)  # [n]
         sorted_widths: List[int] = width.index_select(0, order).tolist()
         groups = width_groups(sorted_widths, self.max_groups, self.group_rows)
         if len(groups) == 1:  # one group: no reordering
-            return order, s_t[:, : groups[0][2]].reshape(-1, 1), groups
+            return order, [s_t[:, : groups[0][2]].reshape(-1, 1)], groups
         s_sorted = s_t.index_select(0, order)  # [n, c, 1]
         rows: List[torch.Tensor] = []
         for a, e, w in groups:
             rows.append(s_sorted[a:e, :w].reshape(-1, 1))  # [(e-a)*w, 1]
-        return order, torch.cat(rows), groups
+        return order, rows, groups
 
-    def _group_sums(self, g: torch.Tensor, r_t: torch.Tensor, order: torch.Tensor, groups: List[Tuple[int, int, int]], centre: torch.Tensor, pad_sums: torch.Tensor, sel_t: int) -> torch.Tensor:
-        """Σ_j R̃_jᵀ G_j over one section for n atoms [n, 4, M1], from the embedding ``g``
-        [rows, M1] of :meth:`_group_inputs`' rows; r_t [n, c, 4]; ``centre`` [n] the centre types.
-        Every slot an atom's group leaves out is added exactly from ``pad_sums``.
+    def _group_sums(self, gs: List[torch.Tensor], r_t: torch.Tensor, order: torch.Tensor, groups: List[Tuple[int, int, int]], centre: torch.Tensor, pad_sums: torch.Tensor, sel_t: int) -> torch.Tensor:
+        """Σ_j R̃_jᵀ G_j over one section for n atoms [n, 4, M1], from the embeddings ``gs``
+        (one [n_g * w_g, M1] per group) of :meth:`_group_inputs`' rows; r_t [n, c, 4];
+        ``centre`` [n] the centre types. Every slot an atom's group leaves out is added
+        exactly from ``pad_sums``.
         """
         n = r_t.shape[0]
         if len(groups) == 1:
@@ -231,12 +232,8 @@ class DescriptorSeA(nn.Module):
             pad = pad_sums.index_select(0, centre * (sel_t + 1) + w)  # [n, 4, M1]
             if w == 0:
                 return pad
-            return torch.matmul(r_t[:, :w].transpose(1, 2), g.reshape(n, w, self.m1)) + pad  # [n, 4, M1]
+            return torch.matmul(r_t[:, :w].transpose(1, 2), gs[0].reshape(n, w, self.m1)) + pad  # [n, 4, M1]
         r_sorted = r_t.index_select(0, order)  # [n, c, 4]
-        sizes: List[int] = []
-        for a, e, w in groups:
-            sizes.append((e - a) * w)
-        parts = torch.split(g, sizes)
         terms: List[torch.Tensor] = []
         widths: List[int] = []
         counts: List[int] = []
@@ -245,7 +242,7 @@ class DescriptorSeA(nn.Module):
             widths.append(w)
             counts.append(e - a)
             if w > 0:
-                terms.append(torch.matmul(r_sorted[a:e, :w].transpose(1, 2), parts[k].reshape(e - a, w, self.m1)))  # [n_g, 4, M1]
+                terms.append(torch.matmul(r_sorted[a:e, :w].transpose(1, 2), gs[k].reshape(e - a, w, self.m1)))  # [n_g, 4, M1]
             else:
                 terms.append(torch.zeros(e - a, 4, self.m1, dtype=r_t.dtype, device=r_t.device))
         w_sorted = torch.repeat_interleave(torch.tensor(widths, device=order.device), torch.tensor(counts, device=order.device))  # [n]
@@ -272,9 +269,11 @@ class DescriptorSeA(nn.Module):
                 if c > 0:
                     slot = torch.arange(1, c + 1, device=rr.device)  # [c]
                     width = (in_secs[tj].long() * slot).amax(dim=1)  # [n]
-                    order, x, groups = self._group_inputs(s_secs[tj], width)
-                    g = net(x)  # [rows, M1]
-                    term = self._group_sums(g, r_secs[tj], order, groups, centre, pad[k], self.sel[tj])
+                    order, xs, groups = self._group_inputs(s_secs[tj], width)
+                    gs: List[torch.Tensor] = []
+                    for x in xs:  # one net call per group: no split of one big output (its backward copies it)
+                        gs.append(net(x) if x.shape[0] > 0 else x)  # [n_g * w_g, M1]
+                    term = self._group_sums(gs, r_secs[tj], order, groups, centre, pad[k], self.sel[tj])
                 else:
                     term = pad[k].index_select(0, centre * (self.sel[tj] + 1))
                 out = term if out is None else out + term
