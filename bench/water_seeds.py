@@ -13,12 +13,14 @@ bench/results/water_seeds.json gets the per-seed energy and force RMSE of both c
 mean and sample standard deviation, and the ratio of the means dpelt / DeePMD-kit. One seed
 per code cannot tell a 5 % difference from seed-to-seed spread; this can. Runs finished by an
 earlier invocation (``result.json`` in their work directory) are reused, so adding seeds only
-trains the new ones.
+trains the new ones; dpelt's runs are reused only if dpelt's sources (sha256 of pipeline/)
+are unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -88,15 +90,27 @@ def deepmd_run(data: Path, work: Path, steps: int, seed: int, venv: Path) -> dic
     return {"rmse_e_per_atom_eV": test["test_rmse_e_per_atom_eV"], "rmse_f_eV_per_A": test["test_rmse_f_eV_per_A"], "wall_s": time.perf_counter() - t}
 
 
-def reuse_or_run(work: Path, fn) -> dict:
-    """A run's result.json when an earlier invocation finished it (same steps), else run it.
+def dpelt_source_sha256() -> str:
+    """sha256 over dpelt's package sources: a dpelt run is reused only for the same code."""
+    h = hashlib.sha256()
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
-    More seeds can so be added to a finished study without repeating the old ones.
+
+def reuse_or_run(work: Path, fn, identity: dict) -> dict:
+    """A run's result.json when an earlier invocation finished it with the same ``identity``
+    (steps are in the work path; dpelt's source hash here), else run it.
+
+    More seeds can so be added to a finished study without repeating the old ones, and a
+    change of dpelt's code retrains dpelt's runs (DeePMD-kit's are kept).
     """
     done = work / "result.json"
     if done.exists():
-        return json.loads(done.read_text())
-    result = fn()
+        old = json.loads(done.read_text())
+        if all(old.get(k) == v for k, v in identity.items()):
+            return old
+    result = fn() | identity
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(result) + "\n")
     os.replace(tmp, done)
@@ -134,7 +148,8 @@ def main() -> None:
         jobs.append(("dpelt", seed, lambda s=seed: dpelt_run(data, base / f"dpelt_seed{s}", args.steps, s)))
     results: dict = {"dpelt": {}, "deepmd": {}}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [(code, seed, pool.submit(reuse_or_run, base / f"{code}_seed{seed}", fn)) for code, seed, fn in jobs]
+        identity = {"dpelt": {"dpelt_source_sha256": dpelt_source_sha256()}, "deepmd": {}}
+        futures = [(code, seed, pool.submit(reuse_or_run, base / f"{code}_seed{seed}", fn, identity[code])) for code, seed, fn in jobs]
         for code, seed, fut in futures:
             results[code][str(seed)] = fut.result()
             print(code, seed, json.dumps(results[code][str(seed)]), flush=True)
