@@ -16,7 +16,8 @@ import torch
 
 from conftest import random_system, randomize_stats, tiny_model_config
 from pipeline.model import descriptor as descriptor_module
-from pipeline.model.deeppot import DeepPot
+from pipeline.model.deeppot import DeepPot, virial_from_grad
+from pipeline.model.serialize import freeze_model
 from pipeline.model.descriptor import net_types, normalized_rows, width_groups
 from pipeline.model.inputs import frame_inputs
 
@@ -50,25 +51,30 @@ def slot_dependent_stats(model: DeepPot, seed: int = 5) -> DeepPot:
 
 
 def inputs_with_far_neighbour(model: DeepPot, n: int, seed: int):
-    """rij, nlist, atype of a random dense system; one listed neighbour is moved beyond rcut."""
+    """rij, nlist, atype of two frames of a random dense system. In frame 1, one listed
+    neighbour of atom 0 is moved beyond rcut (it stays in the list), and atoms 1-10 lose every
+    neighbour of type 0 (those slots now hold a point beyond rcut)."""
     pos, cell, atype = random_system(n, seed=seed, cell_scale=6.0)
-    rij, nlist, _ = frame_inputs(pos[None], cell[None], (True,) * 3, atype, model.rcut, model.sel, model.type_map)
+    moved = pos + np.random.default_rng(seed).normal(scale=0.05, size=pos.shape)
+    rij, nlist, _ = frame_inputs(np.stack([pos, moved]), np.stack([cell, cell]), (True,) * 3, atype, model.rcut, model.sel, model.type_map)
     rij = rij.clone()
-    listed = torch.nonzero(nlist[0, 0] >= 0).squeeze(1)
+    listed = torch.nonzero(nlist[1, 0] >= 0).squeeze(1)
     j = int(listed[len(listed) // 2])  # a slot in the middle of atom 0's list
-    rij[0, 0, j] *= 1.3 * model.rcut / float(rij[0, 0, j].norm())  # now beyond rcut, still listed
+    rij[1, 0, j] *= 1.3 * model.rcut / float(rij[1, 0, j].norm())  # now beyond rcut, still listed
+    first = slice(0, model.sel[0])
+    rij[1, 1:11, first] = 2.0 * model.rcut  # no neighbour of type 0 within rcut (nlist unchanged)
     return rij, nlist, torch.from_numpy(atype)
 
 
 @pytest.fixture
 def count_groups(monkeypatch):
-    """Record how many groups each call of width_groups chose."""
+    """Record the groups each call of width_groups chose."""
     seen = []
     original = descriptor_module.width_groups
 
     def recording(widths, max_groups, group_rows):
         out = original(widths, max_groups, group_rows)
-        seen.append(len(out))
+        seen.append(out)
         return out
 
     monkeypatch.setattr(descriptor_module, "width_groups", recording)
@@ -83,16 +89,22 @@ def test_grouped_evaluation_equals_brute_force(type_one_side, max_groups, count_
     rij, nlist, atype = inputs_with_far_neighbour(model, 30, seed=9)
     out = model.forward_rij(rij, nlist, atype, True, True, True)
     if max_groups > 1:
-        assert max(count_groups) > 1, "the test must exercise several groups"
+        assert max(len(g) for g in count_groups) > 1, "the test must exercise several groups"
+        assert any(len(g) > 1 and g[0][2] == 0 for g in count_groups), "and a group of atoms with no neighbour in a section"
     ref_rij = rij.clone().requires_grad_(True)
     ref_e = brute_force_atomic_energy(model, ref_rij, atype)  # [nf, nloc]
     (ref_g,) = torch.autograd.grad(ref_e.sum(), ref_rij, create_graph=True)
     torch.testing.assert_close(out["atom_energy"], ref_e, rtol=0, atol=1e-12)
-    # F_i = Σ_slots ∂E/∂r_ij − Σ_{slots holding i} ∂E/∂r_ki
-    received = torch.zeros_like(out["force"]).index_add_(1, nlist[0].clamp(min=0).reshape(-1), ref_g.reshape(1, -1, 3) * (nlist[0] >= 0).reshape(1, -1, 1))
+    # F_i = Σ_slots ∂E/∂r_ij − Σ_{slots holding i} ∂E/∂r_ki, frame by frame
+    received = torch.stack([
+        torch.zeros_like(out["force"][f]).index_add_(0, nlist[f].clamp(min=0).reshape(-1), (ref_g[f] * (nlist[f] >= 0).unsqueeze(-1)).reshape(-1, 3))
+        for f in range(rij.shape[0])
+    ])
     ref_force = ref_g.sum(2) - received  # [nf, nloc, 3]
     assert ref_force.abs().max() > 1e-3
     torch.testing.assert_close(out["force"], ref_force, rtol=0, atol=1e-10)
+    ref_virial = -virial_from_grad(ref_g.unsqueeze(0), rij.unsqueeze(0))[0]  # [nf, 3, 3]
+    torch.testing.assert_close(out["virial"], ref_virial, rtol=0, atol=1e-10)
     # force training: the parameter gradients of a force loss (a second derivative) agree
     params = [p for p in model.parameters() if p.requires_grad]
     loss = (out["force"] ** 2).sum()
@@ -112,10 +124,44 @@ def test_frozen_inference_with_groups_equals_brute_force(count_groups):
     rij, nlist, atype = inputs_with_far_neighbour(model, 30, seed=10)
     for _ in range(2):  # second call uses the cache
         out = model.forward_rij(rij, nlist, atype, True, True, False)
-    assert max(count_groups) > 1
+    assert max(len(g) for g in count_groups) > 1
     assert model.descriptor.__dict__.get("_pad_cache")
     ref = brute_force_atomic_energy(model, rij, atype)
     torch.testing.assert_close(out["atom_energy"], ref, rtol=0, atol=1e-12)
+    with torch.no_grad():  # statistics changed in place: the cached padding sums must follow
+        model.descriptor.davg[:, :, 0] += 0.03
+    moved = model.forward_rij(rij, nlist, atype, True, True, False)["atom_energy"]
+    torch.testing.assert_close(moved, brute_force_atomic_energy(model, rij, atype), rtol=0, atol=1e-12)
+    assert (moved - ref).abs().max() > 1e-6
+
+
+def test_torchscript_with_groups_equals_eager(tmp_path, request):
+    model = slot_dependent_stats(randomize_stats(DeepPot(tiny_model_config(type_one_side=False, sel=(30, 30)))))
+    model.descriptor.max_groups, model.descriptor.group_rows = 4, 0
+    scripted = torch.jit.load(str(freeze_model(model, tmp_path / "frozen.pth")))
+    assert scripted.descriptor.group_rows == 0
+    rij, nlist, atype = inputs_with_far_neighbour(model, 30, seed=11)
+    count_groups = request.getfixturevalue("count_groups")  # after scripting: the recorder is not scriptable
+    eager = model.forward_rij(rij, nlist, atype, True, True, False)
+    assert max(len(g) for g in count_groups) > 1
+    frozen = scripted.forward_rij(rij, nlist, atype, True, True, False)
+    for key in ("energy", "force", "virial", "atom_energy"):
+        torch.testing.assert_close(frozen[key], eager[key], rtol=0, atol=1e-12)
+
+
+def test_nan_displacement_is_not_hidden_by_grouping():
+    """A NaN beyond the other atoms' widths must still reach the energy (bad input is never silently dropped)."""
+    model = randomize_stats(DeepPot(tiny_model_config(type_one_side=True, sel=(30, 30))))
+    model.descriptor.max_groups, model.descriptor.group_rows = 4, 0
+    rij, nlist, atype = inputs_with_far_neighbour(model, 30, seed=9)
+    rij, nlist = rij[:1].clone(), nlist[:1]  # one frame
+    listed = nlist[0] >= 0  # [nloc, nnei]
+    last = int(torch.nonzero(listed.any(0)).max())  # the last slot any atom uses
+    holders = torch.nonzero(listed[:, last]).squeeze(1)
+    rij[0, holders[1:], last] = 2.0 * model.rcut  # only one atom keeps a neighbour within rcut there
+    rij[0, holders[0], last] = float("nan")  # ... and it is NaN: the slot must not be skipped
+    out = model.forward_rij(rij, nlist, atype, True, False, False)
+    assert torch.isnan(out["energy"][0])
 
 
 def _brute_best(widths, max_groups, group_rows):
