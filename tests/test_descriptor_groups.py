@@ -18,7 +18,7 @@ from conftest import random_system, randomize_stats, tiny_model_config
 from pipeline.model import descriptor as descriptor_module
 from pipeline.model.deeppot import DeepPot, virial_from_grad
 from pipeline.model.serialize import freeze_model
-from pipeline.model.descriptor import net_types, normalized_rows, width_groups
+from pipeline.model.descriptor import net_types, normalized_rows, padding_cache, width_groups
 from pipeline.model.inputs import frame_inputs
 
 
@@ -125,7 +125,7 @@ def test_frozen_inference_with_groups_equals_brute_force(count_groups):
     for _ in range(2):  # second call uses the cache
         out = model.forward_rij(rij, nlist, atype, True, True, False)
     assert max(len(g) for g in count_groups) > 1
-    assert model.descriptor.__dict__.get("_pad_cache")
+    assert padding_cache(model.descriptor)
     ref = brute_force_atomic_energy(model, rij, atype)
     torch.testing.assert_close(out["atom_energy"], ref, rtol=0, atol=1e-12)
     with torch.no_grad():  # statistics changed in place: the cached padding sums must follow
@@ -207,3 +207,16 @@ def test_width_groups_many_distinct_widths_stays_valid_and_cheap():
         assert w == max(widths[a:e]) and (nxt is None or nxt[0] == e)
     rows = sum((e - a) * w for a, e, w in groups)
     assert rows < 0.7 * len(widths) * widths[-1]  # most of the padding is gone
+
+
+def test_freeze_after_frozen_inference(tmp_path):
+    """The padding cache lives outside the module: scripting, deepcopy and saving never see it."""
+    import copy
+
+    model = randomize_stats(DeepPot(tiny_model_config(type_one_side=True))).eval().requires_grad_(False)
+    rij, nlist, atype = inputs_with_far_neighbour(model, 12, seed=3)
+    eager = model.forward_rij(rij, nlist, atype, True, True, False)
+    assert padding_cache(model.descriptor)
+    assert not padding_cache(copy.deepcopy(model).descriptor)
+    scripted = torch.jit.load(str(freeze_model(model, tmp_path / "frozen.pth")))
+    torch.testing.assert_close(scripted.forward_rij(rij, nlist, atype, True, True, False)["energy"], eager["energy"], rtol=0, atol=1e-12)

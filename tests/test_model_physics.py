@@ -7,6 +7,7 @@ from scipy.spatial.transform import Rotation
 
 from conftest import random_system, randomize_stats, run_model, tiny_model_config
 from pipeline.model.deeppot import DeepPot
+from pipeline.model.descriptor import padding_cache
 
 
 def model_for(type_one_side=False, precision="float64", **kw):
@@ -176,7 +177,7 @@ def test_inference_padding_cache_is_exact_and_follows_weight_updates():
     model = model_for(type_one_side=True).eval().requires_grad_(False)
     pos, cell, atype = random_system(10, seed=2)
     cached = run_model(model, pos, cell, atype, (True,) * 3)
-    assert model.descriptor.__dict__.get("_pad_cache"), "frozen eval-mode inference should use the cache"
+    assert padding_cache(model.descriptor), "frozen eval-mode inference should use the cache"
     uncached = run_model(model.train(), pos, cell, atype, (True,) * 3)
     model.eval()
     assert cached["energy"] == uncached["energy"]

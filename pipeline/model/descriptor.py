@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -47,6 +49,16 @@ def net_types(k: int, ntypes: int, type_one_side: bool) -> Tuple[int, int]:
     if type_one_side:
         return k, -1
     return k % ntypes, k // ntypes
+
+
+# Cached padding sums of frozen descriptors, kept outside the modules: an attribute would be
+# copied by deepcopy and torch.save and would stop torch.jit.script (it cannot type the cache).
+_PADDING_CACHES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def padding_cache(descriptor: nn.Module) -> dict:
+    """The padding-sum cache of one descriptor (empty until frozen inference fills it)."""
+    return _PADDING_CACHES.setdefault(descriptor, {})
 
 
 def width_groups(widths: List[int], max_groups: int, group_rows: int) -> List[Tuple[int, int, int]]:
@@ -195,7 +207,7 @@ class DescriptorSeA(nn.Module):
         key = (self.davg._version, self.dstd._version, self.davg.data_ptr(), self.dstd.data_ptr()) + tuple(
             (p._version, p.data_ptr()) for p in params
         )
-        cache = self.__dict__.setdefault("_pad_cache", {})
+        cache = padding_cache(self)
         if key not in cache:
             cache.clear()
             with torch.no_grad():
