@@ -88,7 +88,7 @@ class DeepPotCalculator(_ExactStateCheck, Calculator):
         if "stress" in properties and not pbc.all():
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
         atype = atom_types(atoms.get_chemical_symbols(), self.type_map)
-        rij, nlist, overflow = frame_inputs(
+        rij, nlist, overflow, partner = frame_inputs(
             atoms.positions[None], atoms.cell.array[None], pbc, atype, self.model.rcut, self.model.sel, self.type_map,
             on_overflow="error" if self.on_overflow == "error" else "ignore", where="atoms",
         )
@@ -96,7 +96,7 @@ class DeepPotCalculator(_ExactStateCheck, Calculator):
             if self.overflow_frames == 0:
                 warnings.warn(f"an atom has more neighbours than sel allows ({overflow} beyond sel); the nearest are kept", stacklevel=2)
             self.overflow_frames += 1
-        out = self.model.forward_rij(rij, nlist, torch.from_numpy(atype), True, bool(pbc.all()), False)
+        out = self.model.forward_rij(rij, nlist, torch.from_numpy(atype), True, bool(pbc.all()), False, partner)
         energy = float(out["energy"][0].detach())
         self.results["energy"] = energy
         self.results["free_energy"] = energy
@@ -157,7 +157,7 @@ class EnsembleCalculator(_ExactStateCheck, Calculator):
         if "stress" in properties and not periodic:
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
         atype = atom_types(atoms.get_chemical_symbols(), self.type_map)
-        rij, nlist, overflow = frame_inputs(
+        rij, nlist, overflow, partner = frame_inputs(
             atoms.positions[None], atoms.cell.array[None], atoms.pbc, atype, self.ensemble.rcut, self.ensemble.sel, self.type_map,
             on_overflow="error" if self.on_overflow == "error" else "ignore", where="atoms",
         )
@@ -170,7 +170,7 @@ class EnsembleCalculator(_ExactStateCheck, Calculator):
         ta = torch.from_numpy(atype)
         full = self.bias is not None or self.drive == "mean" or self.deviation_due
         if not full:
-            out = self.ensemble.models[0].forward_rij(rij, nlist, ta, True, periodic, False)
+            out = self.ensemble.models[0].forward_rij(rij, nlist, ta, True, periodic, False, partner)
             energy, forces = float(out["energy"][0].detach()), out["force"][0].detach().numpy()
             virial = out["virial"][0].detach().numpy() if periodic else None
             self.results["deviation"] = None

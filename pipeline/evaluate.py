@@ -32,8 +32,8 @@ def predict(model: DeepPot, ds: xr.Dataset, chunk: int = 8, source: str = "<fram
     energy, force, virial = [], [], []
     for start in range(0, coord.shape[0], chunk):
         sl = slice(start, start + chunk)
-        rij, nlist, _ = frame_inputs(coord[sl], cell[sl], pbc, atype, model.rcut, model.sel, model.type_map, on_overflow="error", where=f"{source} frame")
-        out = model.forward_rij(rij, nlist, torch.from_numpy(atype), True, True, False)
+        rij, nlist, _, partner = frame_inputs(coord[sl], cell[sl], pbc, atype, model.rcut, model.sel, model.type_map, on_overflow="error", where=f"{source} frame")
+        out = model.forward_rij(rij, nlist, torch.from_numpy(atype), True, True, False, partner)
         energy.append(out["energy"].detach().numpy())
         force.append(out["force"].detach().numpy())
         virial.append(out["virial"].detach().numpy())

@@ -117,9 +117,9 @@ def frame_fingerprints(model, systems: Sequence[xr.Dataset]) -> list[np.ndarray]
     out = []
     for ds in systems:
         atype = ds["atom_type"].values.astype(np.int64)
-        rij, nlist, _ = frame_inputs(ds["coord"].values, ds["cell"].values, ds["pbc"].values.astype(bool), atype, model.rcut, model.sel, model.type_map, on_overflow="ignore")
+        rij, nlist, _, partner = frame_inputs(ds["coord"].values, ds["cell"].values, ds["pbc"].values.astype(bool), atype, model.rcut, model.sel, model.type_map, on_overflow="ignore")
         with torch.no_grad():
-            d = model.descriptor(rij.to(model.model_dtype), torch.from_numpy(atype), model.section_counts(nlist)).double().numpy()  # [nf, nloc, dim]
+            d = model.descriptor(rij.to(model.model_dtype), torch.from_numpy(atype), model.section_counts(nlist), partner).double().numpy()  # [nf, nloc, dim]
         parts = [d[:, atype == t].mean(axis=1) for t in range(model.ntypes) if (atype == t).any()]
         out.append(np.concatenate(parts, axis=1))
     return out

@@ -73,16 +73,19 @@ def random_system(n: int = 12, seed: int = 0, cell_scale: float = 5.0, triclinic
     return pos, cell, atype
 
 
-def run_model(model: DeepPot, pos, cell, atype, pbc=(True, True, True), counts_full: bool = False) -> dict:
-    """Energy (eV), forces (eV/Å), virial (eV), atomic energies for one frame, as numpy."""
+def run_model(model: DeepPot, pos, cell, atype, pbc=(True, True, True), counts_full: bool = False, pairs: bool = True) -> dict:
+    """Energy (eV), forces (eV/Å), virial (eV), atomic energies for one frame, as numpy.
+
+    ``pairs``: pass the neighbour list's reverse-pair slots (same-type pairs embedded once),
+    as every caller in the package does."""
     from pipeline.model.inputs import frame_inputs
 
-    rij, nlist, _ = frame_inputs(np.asarray(pos)[None], np.asarray(cell)[None], pbc, np.asarray(atype), model.rcut, model.sel, model.type_map)
+    rij, nlist, _, partner = frame_inputs(np.asarray(pos)[None], np.asarray(cell)[None], pbc, np.asarray(atype), model.rcut, model.sel, model.type_map)
     if counts_full:
         rij = rij.requires_grad_(True)
         ae = model.atomic_energy(rij, torch.from_numpy(np.asarray(atype)), None)
         return {"energy": float(ae.sum().detach()), "atom_energy": ae[0].detach().numpy()}
-    out = model.forward_rij(rij, nlist, torch.from_numpy(np.asarray(atype)))
+    out = model.forward_rij(rij, nlist, torch.from_numpy(np.asarray(atype)), partner=partner if pairs else None)
     return {"energy": float(out["energy"][0].detach()), "force": out["force"][0].detach().numpy(), "virial": out["virial"][0].detach().numpy(), "atom_energy": out["atom_energy"][0].detach().numpy()}
 
 

@@ -56,7 +56,7 @@ def inputs_with_far_neighbour(model: DeepPot, n: int, seed: int):
     neighbour of type 0 (those slots now hold a point beyond rcut)."""
     pos, cell, atype = random_system(n, seed=seed, cell_scale=6.0)
     moved = pos + np.random.default_rng(seed).normal(scale=0.05, size=pos.shape)
-    rij, nlist, _ = frame_inputs(np.stack([pos, moved]), np.stack([cell, cell]), (True,) * 3, atype, model.rcut, model.sel, model.type_map)
+    rij, nlist, _, _ = frame_inputs(np.stack([pos, moved]), np.stack([cell, cell]), (True,) * 3, atype, model.rcut, model.sel, model.type_map)
     rij = rij.clone()
     listed = torch.nonzero(nlist[1, 0] >= 0).squeeze(1)
     j = int(listed[len(listed) // 2])  # a slot in the middle of atom 0's list

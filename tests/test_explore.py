@@ -69,7 +69,7 @@ def test_ensemble_pass_equals_models_one_by_one(same_shapes):
     ens = Ensemble(models)
     assert ens.stacked == same_shapes
     pos, cell, atype = random_system(10, seed=3)
-    rij, nlist, _ = frame_inputs(pos[None], cell[None], (True,) * 3, atype, ens.rcut, ens.sel, ens.type_map)
+    rij, nlist, _, _ = frame_inputs(pos[None], cell[None], (True,) * 3, atype, ens.rcut, ens.sel, ens.type_map)
     out = ens.evaluate(rij, nlist, torch.from_numpy(atype))
     for k, m in enumerate(models):
         ref = m.forward_rij(rij, nlist, torch.from_numpy(atype))
@@ -89,7 +89,7 @@ def test_stacked_pass_equals_members_padded_and_full(type_one_side, precision, r
     ens = Ensemble(models)
     assert ens.stack is not None
     pos, cell, atype = random_system(10, seed=5)
-    rij, nlist, _ = frame_inputs(pos[None], cell[None], (True,) * 3, atype, ens.rcut, ens.sel, ens.type_map)
+    rij, nlist, _, _ = frame_inputs(pos[None], cell[None], (True,) * 3, atype, ens.rcut, ens.sel, ens.type_map)
     ta = torch.from_numpy(atype)
     counts = models[0].section_counts(nlist)
     assert sum(counts) < sum(ens.sel)  # the padding path is exercised

@@ -90,7 +90,7 @@ def set_stats_from_frames(model: DeepPot, coords, cells, atypes, energies):
 
     acc = EnvStatAccumulator(model.ntypes)
     for c, b, a in zip(coords, cells, atypes):
-        rij, _, _ = frame_inputs(c[None], b[None], (True,) * 3, a, model.rcut, model.sel, model.type_map)
+        rij, _, _, _ = frame_inputs(c[None], b[None], (True,) * 3, a, model.rcut, model.sel, model.type_map)
         acc.add(rij, torch.from_numpy(a), model.descriptor.rcut_smth, model.rcut)
     davg, dstd = acc.result(model.descriptor.nnei, 0.01)
     counts = np.stack([np.bincount(a, minlength=model.ntypes) for a in atypes])

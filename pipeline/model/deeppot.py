@@ -94,13 +94,15 @@ class DeepPot(nn.Module):
         return counts
 
     @torch.jit.export
-    def atomic_energy(self, rij: torch.Tensor, atype: torch.Tensor, counts: Optional[List[int]] = None) -> torch.Tensor:
+    def atomic_energy(self, rij: torch.Tensor, atype: torch.Tensor, counts: Optional[List[int]] = None, partner: Optional[torch.Tensor] = None) -> torch.Tensor:
         """rij [nf, nloc, nnei, 3] Å, atype [nloc] -> atomic energies [nf, nloc] (eV, float64).
 
-        ``counts`` (from :meth:`section_counts`) lets the descriptor skip slots empty in every atom.
+        ``counts`` (from :meth:`section_counts`) lets the descriptor skip slots empty in every
+        atom; ``partner`` (the neighbour list's reverse-pair slots) lets it embed each
+        same-type pair once.
         """
         rij = rij.to(self.descriptor.davg.dtype)
-        d = self.descriptor(rij, atype, counts)  # [nf, nloc, M1*M2]
+        d = self.descriptor(rij, atype, counts, partner)  # [nf, nloc, M1*M2]
         return self.fitting(d, atype).to(torch.float64)  # [nf, nloc]
 
     @torch.jit.export
@@ -112,17 +114,21 @@ class DeepPot(nn.Module):
         do_force: bool = True,
         do_virial: bool = True,
         create_graph: bool = False,
+        partner: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """Energy, atomic energies, forces and virial from displacements.
 
         rij [nf, nloc, nnei, 3] Å (empty slots beyond rcut), nlist [nf, nloc, nnei] (-1 = empty),
         atype [nloc]. ``create_graph`` keeps the force graph for force-matching training.
+        ``partner`` [nf, nloc, nnei] (optional; ``frame_inputs`` and training batches give it):
+        for each slot i→j the frame-local flat slot (atom·nnei + slot) of j→i, −1 = none; the
+        same-type pairs then share one embedding evaluation (same result, ~25 % fewer rows).
         Returns ``energy`` [nf] eV, ``atom_energy`` [nf, nloc] eV, ``force`` [nf, nloc, 3] eV/Å,
         ``virial`` [nf, 3, 3] eV.
         """
         if do_force and not rij.requires_grad:
             rij = rij.detach().requires_grad_(True)
-        atom_energy = self.atomic_energy(rij, atype, self.section_counts(nlist))  # [nf, nloc]
+        atom_energy = self.atomic_energy(rij, atype, self.section_counts(nlist), partner)  # [nf, nloc]
         energy = atom_energy.sum(1)  # [nf]
         out: Dict[str, torch.Tensor] = {"energy": energy, "atom_energy": atom_energy}
         if do_force:
@@ -151,4 +157,4 @@ class DeepPot(nn.Module):
         """Frozen-model entry: coord [nf, nloc, 3] Å, atype [nloc], nlist [nf, nloc, nnei],
         shift [nf, nloc, nnei, 3] Å -> energy, atom_energy, force, virial (float64)."""
         rij = self.displacements(coord, nlist, shift).detach()
-        return self.forward_rij(rij, nlist, atype, True, True, False)
+        return self.forward_rij(rij, nlist, atype, True, True, False, None)

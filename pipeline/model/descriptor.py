@@ -121,6 +121,43 @@ def width_groups(widths: List[int], max_groups: int, group_rows: int) -> List[Tu
     return runs
 
 
+class _GatherRows(torch.autograd.Function):
+    """(g [R_u, M], idx_1 [R_1], idx_2 [R_2], …) -> (g[idx_1], g[idx_2], …).
+
+    The backward accumulates every output's gradient into one [R_u, M] buffer; autograd
+    would instead give each ``index_select`` its own zero-filled [R_u, M] gradient and sum
+    them. Under ``create_graph`` it is made of differentiable ops (force training).
+    """
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, *rows: torch.Tensor):
+        ctx.save_for_backward(*rows)
+        ctx.shape = g.shape
+        return tuple(g.index_select(0, r) for r in rows)
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        rows = ctx.saved_tensors
+        acc: Optional[torch.Tensor] = None
+        for r, gr in zip(rows, grads):
+            if gr is None:
+                continue
+            if acc is None:
+                acc = torch.zeros(ctx.shape, dtype=gr.dtype, device=gr.device)
+            acc = acc.index_add(0, r, gr) if torch.is_grad_enabled() else acc.index_add_(0, r, gr)
+        return (acc,) + (None,) * len(rows)
+
+
+def gather_rows(g: torch.Tensor, rows: List[torch.Tensor]) -> List[torch.Tensor]:
+    """[g[r] for r in rows] for g [R_u, M]; one accumulating backward in eager mode (:class:`_GatherRows`)."""
+    if torch.jit.is_scripting():
+        out: List[torch.Tensor] = []
+        for r in rows:
+            out.append(g.index_select(0, r))
+        return out
+    return list(_GatherRows.apply(g, *rows))
+
+
 class DescriptorSeA(nn.Module):
     """se_e2_a descriptor; buffers ``davg``/``dstd`` [ntypes, nnei, 4] normalise R̃ per centre type."""
 
@@ -264,17 +301,108 @@ class DescriptorSeA(nn.Module):
         inverse[order] = torch.arange(n, device=order.device)
         return out_sorted.index_select(0, inverse)  # [n, 4, M1]
 
-    def _section_sums(self, s_n: torch.Tensor, rr: torch.Tensor, inside: torch.Tensor, counts: List[int], centre: torch.Tensor, centre_type: int, pad: List[torch.Tensor]) -> torch.Tensor:
+    def _mates(self, partner: torch.Tensor, atype: torch.Tensor, counts: List[int], index: torch.Tensor) -> Optional[torch.Tensor]:
+        """Kept slots whose embedding is that of another slot: [nf, nloc, n_keep] → the global
+        kept position (f·nloc + atom)·n_keep + slot of the reverse pair's slot, else −1.
+
+        partner [nf, nloc, nnei]: frame-local flat slot (atom·nnei + slot) of the reverse
+        pair, −1 = none; ``index`` [n_keep]: the kept slots. A pair i→j and its reverse j→i
+        have the same distance; when i and j are of the same type, both slots feed the same
+        embedding net the same input s_n (provided the statistics are the same in every slot of
+        that type's own section, as :mod:`.stats` makes them), so G is evaluated once. None
+        when no slot qualifies.
+        """
+        nf, nloc = partner.shape[0], partner.shape[1]
+        n_keep = index.shape[0]
+        kept = torch.full((self.nnei,), -1, dtype=torch.long, device=partner.device)  # full slot -> kept slot
+        kept[index] = torch.arange(n_keep, device=partner.device)
+        sec_type = torch.empty(n_keep, dtype=torch.long, device=partner.device)  # neighbour type of each kept slot
+        uniform: List[bool] = []
+        off = 0
+        for t in range(self.ntypes):
+            sec_type[off : off + counts[t]] = t
+            off += counts[t]
+            mean = self.davg[t, self.sec[t] : self.sec[t + 1], 0]
+            std = self.dstd[t, self.sec[t] : self.sec[t + 1], 0]
+            uniform.append(self.sel[t] > 0 and bool((mean == mean[0]).all()) and bool((std == std[0]).all()))
+        if not any(uniform):
+            return None
+        p = partner.index_select(2, index)  # [nf, nloc, n_keep]
+        pc = p.clamp(min=0)
+        slot2 = kept[pc % self.nnei]  # [nf, nloc, n_keep]: the reverse pair's kept slot
+        same = atype.view(1, nloc, 1) == sec_type.view(1, 1, n_keep)  # centre type == neighbour type
+        ok = (p >= 0) & (slot2 >= 0) & same & torch.tensor(uniform, device=partner.device)[atype].view(1, nloc, 1)
+        if not bool(ok.any()):
+            return None
+        frame = torch.arange(nf, device=partner.device).view(nf, 1, 1)
+        glob = (frame * nloc + torch.div(pc, self.nnei, rounding_mode="floor")) * n_keep + slot2
+        return torch.where(ok, glob, torch.full_like(glob, -1))
+
+    def _representatives(self, mate: torch.Tensor, rows: Optional[torch.Tensor], n_keep: int, offset: int) -> Optional[torch.Tensor]:
+        """mate [n, c] (global kept positions of one section, or −1) -> [n, c]: for every slot the
+        flat position (row·c + slot) in this section whose embedding it uses — itself, or its
+        reverse pair's slot when that comes first. None when no slot borrows."""
+        n, c = mate.shape[0], mate.shape[1]
+        m = mate.clamp(min=0)
+        g_row = torch.div(m, n_keep, rounding_mode="floor")  # global row of the reverse pair's atom
+        q = m - g_row * n_keep - offset  # its slot within this section
+        row2 = rows[g_row] if rows is not None else g_row
+        pos2 = row2 * c + q
+        own = torch.arange(n * c, device=mate.device).view(n, c)
+        borrow = (mate >= 0) & (pos2 < own)
+        if not bool(borrow.any()):
+            return None
+        return torch.where(borrow, pos2, own)
+
+    def _shared_rows(self, s_t: torch.Tensor, rep: torch.Tensor, order: torch.Tensor, groups: List[Tuple[int, int, int]]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Embedding-net input with one row per distinct representative slot (``rep`` [n, c],
+        from :meth:`_representatives`; s_t [n, c, 1]) -> (x [R_u, 1], per group the rows of
+        the net's output [n_g * w_g] that give the group's embeddings, laid out as
+        :meth:`_group_inputs` lays out its rows)."""
+        n, c = rep.shape[0], rep.shape[1]
+        atoms = order if len(groups) > 1 else torch.arange(n, device=rep.device)
+        reps: List[torch.Tensor] = []
+        sizes: List[int] = []
+        flat_rep = rep.reshape(-1)
+        for a, e, w in groups:
+            pos = (atoms[a:e].view(-1, 1) * c + torch.arange(w, device=rep.device).view(1, -1)).reshape(-1)  # [n_g * w]
+            reps.append(flat_rep.index_select(0, pos))
+            sizes.append((e - a) * w)
+        want = torch.cat(reps)  # [R]: representative of every row the groups evaluate
+        need = torch.zeros(n * c, dtype=torch.bool, device=rep.device)
+        need[want] = True
+        unique = torch.nonzero(need).squeeze(1)  # [R_u]
+        compact = torch.cumsum(need.long(), 0) - 1  # flat position -> row of ``unique``
+        x = s_t.reshape(n * c, 1).index_select(0, unique)  # [R_u, 1]
+        return x, list(torch.split(compact.index_select(0, want), sizes))
+
+    def _section_sums(
+        self,
+        s_n: torch.Tensor,
+        rr: torch.Tensor,
+        inside: torch.Tensor,
+        counts: List[int],
+        centre: torch.Tensor,
+        centre_type: int,
+        pad: List[torch.Tensor],
+        mate: Optional[torch.Tensor] = None,
+        rows: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Σ over every slot of R̃_jᵀ G_j for n atoms [n, 4, M1], empty slots included.
 
         s_n [n, n_keep, 1], rr [n, n_keep, 4], inside [n, n_keep] (r < rcut) hold the first
         ``counts[t]`` slots of every section, section after section; ``centre`` [n] the
-        atoms' types; ``centre_type`` ≥ 0 restricts to the nets serving that type.
+        atoms' types; ``centre_type`` ≥ 0 restricts to the nets serving that type. ``mate``
+        [n, n_keep] (from :meth:`_mates`, rows global; ``rows`` maps a global row to this
+        batch's row) lets a slot reuse the embedding of its reverse pair's slot.
         """
         out: Optional[torch.Tensor] = None
         s_secs = torch.split(s_n, counts, dim=1)
         r_secs = torch.split(rr, counts, dim=1)
         in_secs = torch.split(inside, counts, dim=1)
+        m_secs: List[torch.Tensor] = []
+        if mate is not None:
+            m_secs = torch.split(mate, counts, dim=1)
         for k, net in enumerate(self.embeddings):
             tj, serves = net_types(k, self.ntypes, self.type_one_side)
             if serves < 0 or serves == centre_type:
@@ -283,9 +411,17 @@ class DescriptorSeA(nn.Module):
                     slot = torch.arange(1, c + 1, device=rr.device)  # [c]
                     width = (in_secs[tj].long() * slot).amax(dim=1)  # [n]
                     order, xs, groups = self._group_inputs(s_secs[tj], width)
+                    rep: Optional[torch.Tensor] = None
+                    if len(m_secs) > 0:
+                        rep = self._representatives(m_secs[tj], rows, sum(counts), sum(counts[:tj]))
                     gs: List[torch.Tensor] = []
-                    for x in xs:  # one net call per group: no split of one big output (its backward copies it)
-                        gs.append(net(x) if x.shape[0] > 0 else x)  # [n_g * w_g, M1]
+                    if rep is not None:
+                        x_u, take = self._shared_rows(s_secs[tj], rep, order, groups)
+                        g_u = net(x_u) if x_u.shape[0] > 0 else x_u.expand(0, self.m1)  # [R_u, M1]
+                        gs = gather_rows(g_u, take)  # [n_g * w_g, M1] per group
+                    else:
+                        for x in xs:  # one net call per group: no split of one big output (its backward copies it)
+                            gs.append(net(x) if x.shape[0] > 0 else x)  # [n_g * w_g, M1]
                     term = self._group_sums(gs, r_secs[tj], order, groups, centre, pad[k], self.sel[tj])
                 else:
                     term = pad[k].index_select(0, centre * (self.sel[tj] + 1))
@@ -294,19 +430,24 @@ class DescriptorSeA(nn.Module):
             return torch.zeros(rr.shape[0], 4, self.m1, dtype=rr.dtype, device=rr.device)
         return out
 
-    def forward(self, rij: torch.Tensor, atype: torch.Tensor, counts: Optional[List[int]] = None) -> torch.Tensor:
+    def forward(self, rij: torch.Tensor, atype: torch.Tensor, counts: Optional[List[int]] = None, partner: Optional[torch.Tensor] = None) -> torch.Tensor:
         """rij [nf, nloc, nnei, 3] (Å), atype [nloc] -> descriptor [nf, nloc, M1*M2].
 
         ``counts[t]`` (optional) is how many leading slots of neighbour section t hold a real
         neighbour in any atom of the batch; slots beyond are empty everywhere. Slots empty or
         beyond rcut are evaluated once per centre type (:meth:`_pad_suffix_sums`), not per atom.
+        ``partner`` [nf, nloc, nnei] (optional, the neighbour list's reverse-pair slots) lets
+        the two slots of a same-type pair share one embedding evaluation (:meth:`_mates`).
         """
         nf, nloc = rij.shape[0], rij.shape[1]
         if counts is None:
             counts = self.sel
         keep = [torch.arange(self.sec[t], self.sec[t] + counts[t], device=rij.device) for t in range(self.ntypes)]
+        index = torch.cat(keep)  # [n_keep]
+        mate: Optional[torch.Tensor] = None
+        if partner is not None:
+            mate = self._mates(partner, atype, counts, index)  # [nf, nloc, n_keep] or None
         if sum(counts) != self.nnei:
-            index = torch.cat(keep)
             rij = rij.index_select(2, index)  # [nf, nloc, n_keep, 3]
             davg = self.davg.index_select(1, index)[atype]  # [nloc, n_keep, 4]
             dstd = self.dstd.index_select(1, index)[atype]
@@ -320,7 +461,12 @@ class DescriptorSeA(nn.Module):
         pad = self._pad_suffix_sums_cached()
         if self.type_one_side:
             centre = atype.repeat(nf)  # [nf*nloc]
-            t = self._section_sums(s_n.reshape(nf * nloc, n_keep, 1), rr.reshape(nf * nloc, n_keep, 4), inside.reshape(nf * nloc, n_keep), counts, centre, -1, pad)
+            mate_rows: Optional[torch.Tensor] = None
+            if mate is not None:
+                mate_rows = mate.reshape(nf * nloc, n_keep)
+            t = self._section_sums(
+                s_n.reshape(nf * nloc, n_keep, 1), rr.reshape(nf * nloc, n_keep, 4), inside.reshape(nf * nloc, n_keep), counts, centre, -1, pad, mate_rows
+            )
             t = t.reshape(nf, nloc, 4, self.m1)
         else:
             t = torch.zeros(nf, nloc, 4, self.m1, dtype=rr.dtype, device=rr.device)
@@ -333,7 +479,14 @@ class DescriptorSeA(nn.Module):
                 rr_i = rr.index_select(1, idx).reshape(n_i, n_keep, 4)  # [nf*n_i, n_keep, 4]
                 in_i = inside.index_select(1, idx).reshape(n_i, n_keep)
                 centre = torch.full((n_i,), ti, dtype=torch.long, device=rr.device)
-                t_i = self._section_sums(s_i, rr_i, in_i, counts, centre, ti, pad).reshape(nf, idx.numel(), 4, self.m1)
+                mate_i: Optional[torch.Tensor] = None
+                rows: Optional[torch.Tensor] = None
+                if mate is not None:
+                    mate_i = mate.index_select(1, idx).reshape(n_i, n_keep)
+                    local = torch.full((nloc,), -1, dtype=torch.long, device=rr.device)  # atom -> its row among type ti
+                    local[idx] = torch.arange(idx.numel(), device=rr.device)
+                    rows = (torch.arange(nf, device=rr.device).view(nf, 1) * idx.numel() + local.view(1, nloc)).reshape(-1)  # global row -> row here
+                t_i = self._section_sums(s_i, rr_i, in_i, counts, centre, ti, pad, mate_i, rows).reshape(nf, idx.numel(), 4, self.m1)
                 t = t.index_copy(1, idx, t_i)
         t = t / self.nnei  # [nf, nloc, 4, M1]
         d = torch.matmul(t.transpose(2, 3), t[:, :, :, : self.m2])  # [nf, nloc, M1, M2]

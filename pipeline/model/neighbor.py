@@ -32,6 +32,7 @@ class NeighborList:
     overflow: np.ndarray  # [natoms, ntypes] neighbours of each type beyond sel (0 = none)
     rij: np.ndarray  # [natoms, nnei, 3] displacements, Å (empty slots: padding_vector)
     min_distance: float  # closest pair within rcut, Å (inf when none)
+    partner: np.ndarray  # [natoms, nnei] int64: flat slot (atom * nnei + slot) of the reverse pair j→i, -1 = none kept
 
     @property
     def max_overflow(self) -> int:
@@ -54,15 +55,20 @@ def neighbor_counts(
 
 
 def _pairs(coord: np.ndarray, cell: np.ndarray, pbc: Sequence[bool], rcut: float):
+    """Every ordered pair within ``rcut``: i, j [2P], (S [2P, 3] image shift, d [2P] Å, D [2P, 3] Å).
+
+    The search returns each pair once (i, j, S); entry P + p is its reverse (j, i, −S) with
+    D negated exactly, so pair p and its reverse have bit-identical distances.
+    """
     pbc = [bool(p) for p in np.asarray(pbc).reshape(3)]
     box = np.asarray(cell, dtype=np.float64) if any(pbc) else np.zeros((3, 3))
-    nl = vesin.NeighborList(cutoff=float(rcut), full_list=True, n_threads=1)  # one thread: a reproducible pair order
+    nl = vesin.NeighborList(cutoff=float(rcut), full_list=False, n_threads=1)  # one thread: a reproducible pair order
     i, j, S, d, D = nl.compute(np.asarray(coord, dtype=np.float64), box, pbc, quantities="ijSdD")
     i, j, S = i.astype(np.int64), j.astype(np.int64), S.astype(np.int32)
     if (d >= rcut).any():
         keep = d < rcut
         i, j, S, d, D = i[keep], j[keep], S[keep], d[keep], D[keep]
-    return i, j, (S, d, D)
+    return np.concatenate([i, j]), np.concatenate([j, i]), (np.concatenate([S, -S]), np.concatenate([d, d]), np.concatenate([D, -D]))
 
 
 def build_neighbor_list(
@@ -87,6 +93,8 @@ def build_neighbor_list(
     Within a section neighbours follow the search's (deterministic) order. When an atom has
     more neighbours of a type than ``sel`` allows, the section is ordered nearest first, the
     nearest are kept and the excess is counted in ``overflow`` (callers report or refuse it).
+    ``partner`` links every slot i→j to the slot holding the reverse pair j→i (the model
+    evaluates the embedding of a same-type pair once; see DescriptorSeA).
     """
     atype = np.asarray(atype, dtype=np.int64)
     natoms = len(atype)
@@ -112,6 +120,14 @@ def build_neighbor_list(
     if overflowing:
         keep = rank < sel[tj_s]
         flat, order = flat[keep], order[keep]
+    npairs = len(i) // 2
+    where_kept = np.full(len(i), -1, dtype=np.int64)  # entry -> its flat slot (-1: dropped by overflow)
+    where_kept[order] = flat
+    fwd, bwd = where_kept[:npairs], where_kept[npairs:]
+    both = (fwd >= 0) & (bwd >= 0)
+    partner = np.full(natoms * nnei, -1, dtype=np.int64)
+    partner[fwd[both]] = bwd[both]
+    partner[bwd[both]] = fwd[both]
     # flat (1-D) scatters: ~3x faster than indexing with (row, slot) pairs
     nlist = np.full(natoms * nnei, -1, dtype=np.int64)
     nlist[flat] = j[order]
@@ -121,7 +137,9 @@ def build_neighbor_list(
     rij[:] = padding_vector(rcut)
     rij[flat] = D[order]
     nlist, shift, rij = nlist.reshape(natoms, nnei), shift.reshape(natoms, nnei, 3), rij.reshape(natoms, nnei, 3)
-    return NeighborList(nlist=nlist, shift=shift, overflow=overflow, rij=rij, min_distance=float(d.min()) if len(d) else float("inf"))
+    return NeighborList(
+        nlist=nlist, shift=shift, overflow=overflow, rij=rij, min_distance=float(d.min()) if len(d) else float("inf"), partner=partner.reshape(natoms, nnei)
+    )
 
 
 def displacements(coord: np.ndarray, cell: np.ndarray, nl: NeighborList, rcut: float) -> np.ndarray:

@@ -42,6 +42,7 @@ class Batch:
     energy: torch.Tensor  # [nf] eV
     force: torch.Tensor  # [nf, nloc, 3] eV/Å
     virial: torch.Tensor | None  # [nf, 3, 3] eV
+    partner: torch.Tensor | None = None  # [nf, nloc, nnei] int64 reverse-pair slots (see DeepPot.forward_rij)
 
     @property
     def natoms(self) -> int:
@@ -70,6 +71,7 @@ class TrainSystem:
         nnei = int(sum(sel))
         nlist = np.empty((self.nframes, self.natoms, nnei), dtype=np.int32)
         shift = np.empty((self.nframes, self.natoms, nnei, 3), dtype=np.int8)
+        partner = np.empty((self.nframes, self.natoms, nnei), dtype=np.int32)
         coord, cell, atype = self.coord.numpy(), self.cell.numpy(), self.atype.numpy()
         for f in range(self.nframes):
             nl = build_neighbor_list(coord[f], cell[f], self.pbc, atype, rcut, sel)
@@ -79,7 +81,9 @@ class TrainSystem:
                 raise DataError("cell far smaller than rcut (image shift > 127)", path=source, key="cell")
             nlist[f] = nl.nlist
             shift[f] = nl.shift
+            partner[f] = nl.partner
         self.nlist = torch.from_numpy(nlist)
+        self.partner = torch.from_numpy(partner)
         self.shift = torch.from_numpy(shift)
         self._pad = torch.from_numpy(padding_vector(rcut))
 
@@ -100,6 +104,7 @@ class TrainSystem:
             energy=self.energy.index_select(0, idx),
             force=self.force.index_select(0, idx),
             virial=None if self.virial is None else self.virial.index_select(0, idx),
+            partner=self.partner.index_select(0, idx).to(torch.int64),
         )
 
 

@@ -115,7 +115,7 @@ def evaluate_batches(model: DeepPot, batches: Sequence[Batch], pref) -> dict:
     """Mean squared errors over fixed validation batches -> RMSEs."""
     sums: dict[str, float] = {}
     for b in batches:
-        pred = model.forward_rij(b.rij, b.nlist, b.atype, True, b.virial is not None, False)
+        pred = model.forward_rij(b.rij, b.nlist, b.atype, True, b.virial is not None, False, b.partner)
         _, m = energy_loss(pred, b.energy, b.force, b.virial, b.natoms, pref)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + v * v
@@ -279,7 +279,7 @@ def train(
             pref = prefactors(cfg.loss, lr, cfg.learning_rate.start_lr)
             k, frames = sampler.next(step)
             b = systems[k].batch(frames)
-            pred = model.forward_rij(b.rij, b.nlist, b.atype, True, b.virial is not None and pref.v > 0, True)
+            pred = model.forward_rij(b.rij, b.nlist, b.atype, True, b.virial is not None and pref.v > 0, True, b.partner)
             loss, trn = energy_loss(pred, b.energy, b.force, b.virial if pref.v > 0 else None, b.natoms, pref)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step + 1} (system {systems[k].source}); lower start_lr or check the data")
