@@ -71,13 +71,13 @@ def test_partner_after_overflow():
 
 @pytest.fixture
 def shared_rows(monkeypatch):
-    """Record (rows evaluated, rows laid out) of every shared evaluation."""
+    """Record (rows evaluated, rows laid out, width groups) of every shared evaluation."""
     seen = []
     original = descriptor_module.DescriptorSeA._shared_rows
 
     def recording(self, s_t, rep, order, groups):
         x, take = original(self, s_t, rep, order, groups)
-        seen.append((int(x.shape[0]), sum(int(t.numel()) for t in take)))
+        seen.append((int(x.shape[0]), sum(int(t.numel()) for t in take), len(take)))
         return x, take
 
     monkeypatch.setattr(descriptor_module.DescriptorSeA, "_shared_rows", recording)
@@ -99,21 +99,26 @@ def assert_same(a: dict, b: dict):
 
 @pytest.mark.parametrize("type_one_side", [True, False])
 @pytest.mark.parametrize("n, scale", [(24, 6.0), (8, 3.2)])
-def test_shared_equals_separate(type_one_side, n, scale, shared_rows):
+@pytest.mark.parametrize("group_rows", [128, 1])  # 1: several width groups share one evaluation
+def test_shared_equals_separate(type_one_side, n, scale, group_rows, shared_rows):
     model = randomize_stats(DeepPot(tiny_model_config(type_one_side=type_one_side, sel=(90, 90))))
+    model.descriptor.group_rows = group_rows
     rij, nlist, atype, partner = two_frames(model, n, scale)
     separate = model.forward_rij(rij, nlist, atype, True, True, False)
     assert not shared_rows
     shared = model.forward_rij(rij, nlist, atype, True, True, False, partner)
-    assert shared_rows and all(evaluated < laid_out for evaluated, laid_out in shared_rows)
-    evaluated, laid_out = map(sum, zip(*shared_rows))
+    assert shared_rows and all(evaluated < laid_out for evaluated, laid_out, _ in shared_rows)
+    evaluated, laid_out, _ = map(sum, zip(*shared_rows))
     assert evaluated < 0.85 * laid_out  # about half the pairs are same-type; each is evaluated once
+    if group_rows == 1:
+        assert max(groups for _, _, groups in shared_rows) > 1
     assert_same(separate, shared)
 
 
 def test_force_training_gradients_equal(shared_rows):
     """Force training differentiates the force graph: the shared rows' gradients must add up."""
     model = randomize_stats(DeepPot(tiny_model_config(type_one_side=True)))
+    model.descriptor.group_rows = 1  # several width groups
     rij, nlist, atype, partner = two_frames(model)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -129,6 +134,7 @@ def test_force_training_gradients_equal(shared_rows):
 
 def test_torchscript_shares_too():
     model = randomize_stats(DeepPot(tiny_model_config(type_one_side=True))).requires_grad_(False)
+    model.descriptor.group_rows = 1
     rij, nlist, atype, partner = two_frames(model)
     scripted = torch.jit.script(model)
     assert_same(model.forward_rij(rij, nlist, atype, True, True, False), scripted.forward_rij(rij, nlist, atype, True, True, False, partner))

@@ -17,6 +17,14 @@ sums computed once (:meth:`DescriptorSeA._pad_suffix_sums`). Since atoms use dif
 numbers of slots, atoms are sorted by that number and cut into a few groups
 (:func:`width_groups`), each padded only to its own widest atom: in liquid water this
 evaluates ~11 % fewer embedding rows than padding every atom to the widest one.
+
+Pair sharing. A pair i→j and its reverse j→i have the same distance. When i and j are of the
+same type, both slots feed the same embedding net the same s_n (the statistics of a centre
+type are the same in every slot of a section, as :mod:`.stats` makes them), so given the
+neighbour list's reverse-pair slots (``partner``) the net runs once per such pair and both
+slots take its row (:meth:`DescriptorSeA._mates`): in liquid water 27 % fewer rows, the
+same energy, forces to rounding. Without ``partner`` (TorchScript's ``forward``) every slot
+is evaluated.
 """
 
 from __future__ import annotations

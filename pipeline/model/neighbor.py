@@ -108,12 +108,14 @@ def build_neighbor_list(
     counts = np.bincount(group, minlength=natoms * ntypes)
     overflow = np.maximum(counts.reshape(natoms, ntypes) - sel[None, :], 0)
     overflowing = bool(overflow.any())
+    # 16-bit keys when they fit: numpy's stable argsort is then a radix sort (~4x faster here)
+    key = group.astype(np.uint16) if natoms * ntypes <= 1 << 16 else group
     if overflowing:
         # overflow: order each (centre, neighbour type) group nearest first, so the nearest are kept
         order = np.argsort(d, kind="stable")
-        order = order[np.argsort(group[order], kind="stable")]
+        order = order[np.argsort(key[order], kind="stable")]
     else:
-        order = np.argsort(group, kind="stable")
+        order = np.argsort(key, kind="stable")
     group_s, tj_s = group[order], tj[order]
     rank = np.arange(len(order)) - (np.cumsum(counts) - counts)[group_s]  # position within its group
     flat = i[order] * nnei + sec[tj_s] + rank  # slot in the flattened [natoms * nnei] layout
