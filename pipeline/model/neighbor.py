@@ -39,6 +39,11 @@ class NeighborList:
         return int(self.overflow.max(initial=0))
 
 
+def _rows(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous [n, k] array viewed as [n] opaque elements of one row each (same memory)."""
+    return a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).reshape(-1)
+
+
 def padding_vector(rcut: float) -> np.ndarray:
     """Displacement given to empty slots: twice the cut-off, where the switch is exactly 0."""
     return np.array([2.0 * rcut + 1.0, 0.0, 0.0])
@@ -130,14 +135,14 @@ def build_neighbor_list(
     partner = np.full(natoms * nnei, -1, dtype=np.int64)
     partner[fwd[both]] = bwd[both]
     partner[bwd[both]] = fwd[both]
-    # flat (1-D) scatters: ~3x faster than indexing with (row, slot) pairs
+    # flat (1-D) scatters: ~3x faster than indexing with (row, slot) pairs; rows of 3 moved
+    # as one opaque element (_rows): ~2x faster than numpy's row-wise fancy indexing
     nlist = np.full(natoms * nnei, -1, dtype=np.int64)
     nlist[flat] = j[order]
     shift = np.zeros((natoms * nnei, 3), dtype=np.int32)
-    shift[flat] = S[order]
-    rij = np.empty((natoms * nnei, 3))
-    rij[:] = padding_vector(rcut)
-    rij[flat] = D[order]
+    _rows(shift)[flat] = _rows(np.ascontiguousarray(S))[order]
+    rij = np.tile(padding_vector(rcut), (natoms * nnei, 1))
+    _rows(rij)[flat] = _rows(np.ascontiguousarray(D))[order]
     nlist, shift, rij = nlist.reshape(natoms, nnei), shift.reshape(natoms, nnei, 3), rij.reshape(natoms, nnei, 3)
     return NeighborList(
         nlist=nlist, shift=shift, overflow=overflow, rij=rij, min_distance=float(d.min()) if len(d) else float("inf"), partner=partner.reshape(natoms, nnei)
