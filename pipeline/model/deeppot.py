@@ -122,7 +122,9 @@ class DeepPot(nn.Module):
         atype [nloc]. ``create_graph`` keeps the force graph for force-matching training.
         ``partner`` [nf, nloc, nnei] (optional; ``frame_inputs`` and training batches give it):
         for each slot i→j the frame-local flat slot (atom·nnei + slot) of j→i, −1 = none; the
-        same-type pairs then share one embedding evaluation (same result, ~25 % fewer rows).
+        same-type pairs then share one embedding evaluation (~25 % fewer rows; the same energy,
+        forces to rounding). It must come from the neighbour list ``rij`` was built from (a
+        linked pair whose two lengths differ raises ValueError).
         Returns ``energy`` [nf] eV, ``atom_energy`` [nf, nloc] eV, ``force`` [nf, nloc, 3] eV/Å,
         ``virial`` [nf, 3, 3] eV.
         """
