@@ -134,8 +134,9 @@ class DeepPot(nn.Module):
         energy = atom_energy.sum(1)  # [nf]
         out: Dict[str, torch.Tensor] = {"energy": energy, "atom_energy": atom_energy}
         if do_force:
-            grads = torch.autograd.grad([energy.sum()], [rij], create_graph=create_graph, allow_unused=True)
-            g0 = grads[0]
+            g0: Optional[torch.Tensor] = None
+            if energy.requires_grad:  # not so for a system without atoms
+                g0 = torch.autograd.grad([energy.sum()], [rij], create_graph=create_graph, allow_unused=True)[0]
             g = torch.zeros_like(rij) if g0 is None else g0  # None: no atom has a neighbour
             g = g.to(torch.float64)  # [nf, nloc, nnei, 3] = ∂E/∂rij
             out["force"] = scatter_forces(g.unsqueeze(0), nlist)[0]  # [nf, nloc, 3]
