@@ -56,3 +56,12 @@ def test_unknown_element_and_free_cluster(calc):
 
     with pytest.raises(PropertyNotImplementedError):
         mol.get_stress()
+
+
+def test_system_without_atoms():
+    """No atoms: zero energy, forces [0, 3] and zero stress (not an autograd error)."""
+    atoms = Atoms("", cell=np.eye(3) * 5.0, pbc=True)
+    atoms.calc = DeepPotCalculator(randomize_stats(DeepPot(tiny_model_config())))
+    assert atoms.get_potential_energy() == 0.0
+    assert atoms.get_forces().shape == (0, 3)
+    assert np.array_equal(atoms.get_stress(), np.zeros(6))

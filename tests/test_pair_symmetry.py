@@ -149,13 +149,27 @@ def test_no_sharing_when_statistics_differ_between_slots(shared_rows):
     with torch.no_grad():
         for t in range(d.ntypes):
             d.davg[t, d.sec[t] : d.sec[t + 1], 0] += 0.01 * torch.arange(d.sel[t], dtype=d.davg.dtype)
-    assert d._mates(partner, atype, d.sel, torch.arange(d.nnei)) is None
+    assert d._mates(partner, atype, d.sel, torch.arange(d.nnei), rij) is None
     assert_same(model.forward_rij(rij, nlist, atype, True, True, False), model.forward_rij(rij, nlist, atype, True, True, False, partner))
     assert not shared_rows
     with torch.no_grad():
         d.davg[0, d.sec[0] : d.sec[1], 0] = d.davg[0, d.sec[0], 0]  # type 0's own section uniform again
-    mates = d._mates(partner, atype, d.sel, torch.arange(d.nnei))
+    mates = d._mates(partner, atype, d.sel, torch.arange(d.nnei), rij)
     shared_centres = atype[torch.nonzero((mates >= 0).any(-1))[:, 1]]
     assert len(shared_centres) and (shared_centres == 0).all()
     assert_same(model.forward_rij(rij, nlist, atype, True, True, False), model.forward_rij(rij, nlist, atype, True, True, False, partner))
     assert len(shared_rows) == 1
+
+
+def test_partner_from_another_list_is_refused():
+    """Displacements moved after the list was built (one direction only) no longer match their
+    reverse pair: sharing would silently use the wrong embedding, so it is an error."""
+    model = randomize_stats(DeepPot(tiny_model_config(type_one_side=True)))
+    rij, nlist, atype, partner = two_frames(model)
+    moved = rij.clone()
+    same = (partner[0, 0] >= 0) & (nlist[0, 0] >= 0) & (atype[nlist[0, 0].clamp(min=0)] == atype[0])
+    slot = int(torch.nonzero(same)[0])
+    moved[0, 0, slot] *= 1.01
+    with pytest.raises(ValueError, match="partner does not match rij"):
+        model.forward_rij(moved, nlist, atype, True, True, False, partner)
+    model.forward_rij(moved, nlist, atype, True, True, False)  # without partner: fine

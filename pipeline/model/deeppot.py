@@ -122,7 +122,9 @@ class DeepPot(nn.Module):
         atype [nloc]. ``create_graph`` keeps the force graph for force-matching training.
         ``partner`` [nf, nloc, nnei] (optional; ``frame_inputs`` and training batches give it):
         for each slot i→j the frame-local flat slot (atom·nnei + slot) of j→i, −1 = none; the
-        same-type pairs then share one embedding evaluation (same result, ~25 % fewer rows).
+        same-type pairs then share one embedding evaluation (~25 % fewer rows; the same energy,
+        forces to rounding). It must come from the neighbour list ``rij`` was built from (a
+        linked pair whose two lengths differ raises ValueError).
         Returns ``energy`` [nf] eV, ``atom_energy`` [nf, nloc] eV, ``force`` [nf, nloc, 3] eV/Å,
         ``virial`` [nf, 3, 3] eV.
         """
@@ -132,8 +134,9 @@ class DeepPot(nn.Module):
         energy = atom_energy.sum(1)  # [nf]
         out: Dict[str, torch.Tensor] = {"energy": energy, "atom_energy": atom_energy}
         if do_force:
-            grads = torch.autograd.grad([energy.sum()], [rij], create_graph=create_graph, allow_unused=True)
-            g0 = grads[0]
+            g0: Optional[torch.Tensor] = None
+            if energy.requires_grad:  # not so for a system without atoms
+                g0 = torch.autograd.grad([energy.sum()], [rij], create_graph=create_graph, allow_unused=True)[0]
             g = torch.zeros_like(rij) if g0 is None else g0  # None: no atom has a neighbour
             g = g.to(torch.float64)  # [nf, nloc, nnei, 3] = ∂E/∂rij
             out["force"] = scatter_forces(g.unsqueeze(0), nlist)[0]  # [nf, nloc, 3]

@@ -309,7 +309,7 @@ class DescriptorSeA(nn.Module):
         inverse[order] = torch.arange(n, device=order.device)
         return out_sorted.index_select(0, inverse)  # [n, 4, M1]
 
-    def _mates(self, partner: torch.Tensor, atype: torch.Tensor, counts: List[int], index: torch.Tensor) -> Optional[torch.Tensor]:
+    def _mates(self, partner: torch.Tensor, atype: torch.Tensor, counts: List[int], index: torch.Tensor, rij: torch.Tensor) -> Optional[torch.Tensor]:
         """Kept slots whose embedding is that of another slot: [nf, nloc, n_keep] → the global
         kept position (f·nloc + atom)·n_keep + slot of the reverse pair's slot, else −1.
 
@@ -318,7 +318,8 @@ class DescriptorSeA(nn.Module):
         have the same distance; when i and j are of the same type, both slots feed the same
         embedding net the same input s_n (provided the statistics are the same in every slot of
         that type's own section, as :mod:`.stats` makes them), so G is evaluated once. None
-        when no slot qualifies.
+        when no slot qualifies. ``rij`` [nf, nloc, nnei, 3] (Å) must be the displacements of the
+        same neighbour list: a linked pair whose two lengths differ raises ValueError.
         """
         nf, nloc = partner.shape[0], partner.shape[1]
         n_keep = index.shape[0]
@@ -342,6 +343,14 @@ class DescriptorSeA(nn.Module):
         ok = (p >= 0) & (slot2 >= 0) & same & torch.tensor(uniform, device=partner.device)[atype].view(1, nloc, 1)
         if not bool(ok.any()):
             return None
+        r = torch.linalg.vector_norm(rij.detach(), dim=-1)  # [nf, nloc, nnei]
+        r_self = r.index_select(2, index)  # [nf, nloc, n_keep]
+        r_mate = torch.gather(r.reshape(nf, nloc * self.nnei), 1, pc.reshape(nf, nloc * n_keep)).reshape(nf, nloc, n_keep)
+        if bool((ok & ((r_self - r_mate).abs() > 1e-9 * r_self + 1e-12)).any()):
+            raise ValueError(
+                "partner does not match rij: a pair i->j and its reverse j->i have different lengths; "
+                "pass the partner array of the neighbour list these displacements were built from (frame_inputs)"
+            )
         frame = torch.arange(nf, device=partner.device).view(nf, 1, 1)
         glob = (frame * nloc + torch.div(pc, self.nnei, rounding_mode="floor")) * n_keep + slot2
         return torch.where(ok, glob, torch.full_like(glob, -1))
@@ -454,7 +463,7 @@ class DescriptorSeA(nn.Module):
         index = torch.cat(keep)  # [n_keep]
         mate: Optional[torch.Tensor] = None
         if partner is not None:
-            mate = self._mates(partner, atype, counts, index)  # [nf, nloc, n_keep] or None
+            mate = self._mates(partner, atype, counts, index, rij)  # [nf, nloc, n_keep] or None
         if sum(counts) != self.nnei:
             rij = rij.index_select(2, index)  # [nf, nloc, n_keep, 3]
             davg = self.davg.index_select(1, index)[atype]  # [nloc, n_keep, 4]
