@@ -149,12 +149,12 @@ def test_no_sharing_when_statistics_differ_between_slots(shared_rows):
     with torch.no_grad():
         for t in range(d.ntypes):
             d.davg[t, d.sec[t] : d.sec[t + 1], 0] += 0.01 * torch.arange(d.sel[t], dtype=d.davg.dtype)
-    assert d._mates(partner, atype, d.sel, torch.arange(d.nnei), rij) is None
+    assert d._mates(partner, atype, d.sel, torch.arange(d.nnei), torch.linalg.vector_norm(rij, dim=-1)) is None
     assert_same(model.forward_rij(rij, nlist, atype, True, True, False), model.forward_rij(rij, nlist, atype, True, True, False, partner))
     assert not shared_rows
     with torch.no_grad():
         d.davg[0, d.sec[0] : d.sec[1], 0] = d.davg[0, d.sec[0], 0]  # type 0's own section uniform again
-    mates = d._mates(partner, atype, d.sel, torch.arange(d.nnei), rij)
+    mates = d._mates(partner, atype, d.sel, torch.arange(d.nnei), torch.linalg.vector_norm(rij, dim=-1))
     shared_centres = atype[torch.nonzero((mates >= 0).any(-1))[:, 1]]
     assert len(shared_centres) and (shared_centres == 0).all()
     assert_same(model.forward_rij(rij, nlist, atype, True, True, False), model.forward_rij(rij, nlist, atype, True, True, False, partner))

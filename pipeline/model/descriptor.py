@@ -259,24 +259,27 @@ class DescriptorSeA(nn.Module):
                 cache[key] = self._pad_suffix_sums()
         return cache[key]
 
-    def _group_inputs(self, s_t: torch.Tensor, width: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor], List[Tuple[int, int, int]]]:
-        """Plan the width groups of one neighbour section and gather the embedding nets' input.
+    def _width_plan(self, width: torch.Tensor) -> Tuple[torch.Tensor, List[Tuple[int, int, int]]]:
+        """Plan the width groups of one neighbour section.
 
-        s_t [n, c, 1]: the section's first c slots; ``width`` [n]: slots an atom really uses
-        (1 + its last slot with r < rcut). Atoms are sorted by width and cut into a few
-        groups (:func:`width_groups`), each evaluated up to its widest atom. Returns (order
-        [n] of the sorted atoms, one net input [n_g * w_g, 1] per group, the groups).
+        ``width`` [n]: slots an atom really uses (1 + its last slot with r < rcut). Atoms are
+        sorted by width and cut into a few groups (:func:`width_groups`), each evaluated up to
+        its widest atom. Returns (order [n] of the sorted atoms, the groups).
         """
         order = torch.argsort(width, stable=True)  # [n]
         sorted_widths: List[int] = width.index_select(0, order).tolist()
-        groups = width_groups(sorted_widths, self.max_groups, self.group_rows)
+        return order, width_groups(sorted_widths, self.max_groups, self.group_rows)
+
+    def _group_inputs(self, s_t: torch.Tensor, order: torch.Tensor, groups: List[Tuple[int, int, int]]) -> List[torch.Tensor]:
+        """The embedding nets' input of every group of :meth:`_width_plan`: one [n_g * w_g, 1]
+        per group, from s_t [n, c, 1] (the section's first c slots)."""
         if len(groups) == 1:  # one group: no reordering
-            return order, [s_t[:, : groups[0][2]].reshape(-1, 1)], groups
+            return [s_t[:, : groups[0][2]].reshape(-1, 1)]
         s_sorted = s_t.index_select(0, order)  # [n, c, 1]
         rows: List[torch.Tensor] = []
         for a, e, w in groups:
             rows.append(s_sorted[a:e, :w].reshape(-1, 1))  # [(e-a)*w, 1]
-        return order, rows, groups
+        return rows
 
     def _group_sums(self, gs: List[torch.Tensor], r_t: torch.Tensor, order: torch.Tensor, groups: List[Tuple[int, int, int]], centre: torch.Tensor, pad_sums: torch.Tensor, sel_t: int) -> torch.Tensor:
         """Σ_j R̃_jᵀ G_j over one section for n atoms [n, 4, M1], from the embeddings ``gs``
@@ -309,7 +312,7 @@ class DescriptorSeA(nn.Module):
         inverse[order] = torch.arange(n, device=order.device)
         return out_sorted.index_select(0, inverse)  # [n, 4, M1]
 
-    def _mates(self, partner: torch.Tensor, atype: torch.Tensor, counts: List[int], index: torch.Tensor, rij: torch.Tensor) -> Optional[torch.Tensor]:
+    def _mates(self, partner: torch.Tensor, atype: torch.Tensor, counts: List[int], index: torch.Tensor, r: torch.Tensor) -> Optional[torch.Tensor]:
         """Kept slots whose embedding is that of another slot: [nf, nloc, n_keep] → the global
         kept position (f·nloc + atom)·n_keep + slot of the reverse pair's slot, else −1.
 
@@ -318,8 +321,9 @@ class DescriptorSeA(nn.Module):
         have the same distance; when i and j are of the same type, both slots feed the same
         embedding net the same input s_n (provided the statistics are the same in every slot of
         that type's own section, as :mod:`.stats` makes them), so G is evaluated once. None
-        when no slot qualifies. ``rij`` [nf, nloc, nnei, 3] (Å) must be the displacements of the
-        same neighbour list: a linked pair whose two lengths differ raises ValueError.
+        when no slot qualifies. ``r`` [nf, nloc, nnei] (Å): the slots' lengths, from the
+        displacements of the same neighbour list; a linked pair whose two lengths differ raises
+        ValueError.
         """
         nf, nloc = partner.shape[0], partner.shape[1]
         n_keep = index.shape[0]
@@ -343,7 +347,6 @@ class DescriptorSeA(nn.Module):
         ok = (p >= 0) & (slot2 >= 0) & same & torch.tensor(uniform, device=partner.device)[atype].view(1, nloc, 1)
         if not bool(ok.any()):
             return None
-        r = torch.linalg.vector_norm(rij.detach(), dim=-1)  # [nf, nloc, nnei]
         r_self = r.index_select(2, index)  # [nf, nloc, n_keep]
         r_mate = torch.gather(r.reshape(nf, nloc * self.nnei), 1, pc.reshape(nf, nloc * n_keep)).reshape(nf, nloc, n_keep)
         if bool((ok & ((r_self - r_mate).abs() > 1e-9 * r_self + 1e-12)).any()):
@@ -427,7 +430,7 @@ class DescriptorSeA(nn.Module):
                 if c > 0:
                     slot = torch.arange(1, c + 1, device=rr.device)  # [c]
                     width = (in_secs[tj].long() * slot).amax(dim=1)  # [n]
-                    order, xs, groups = self._group_inputs(s_secs[tj], width)
+                    order, groups = self._width_plan(width)
                     rep: Optional[torch.Tensor] = None
                     if len(m_secs) > 0:
                         rep = self._representatives(m_secs[tj], rows, sum(counts), sum(counts[:tj]))
@@ -437,7 +440,7 @@ class DescriptorSeA(nn.Module):
                         g_u = net(x_u) if x_u.shape[0] > 0 else x_u.expand(0, self.m1)  # [R_u, M1]
                         gs = gather_rows(g_u, take)  # [n_g * w_g, M1] per group
                     else:
-                        for x in xs:  # one net call per group: no split of one big output (its backward copies it)
+                        for x in self._group_inputs(s_secs[tj], order, groups):  # one net call per group: no split of one big output (its backward copies it)
                             gs.append(net(x) if x.shape[0] > 0 else x)  # [n_g * w_g, M1]
                     term = self._group_sums(gs, r_secs[tj], order, groups, centre, pad[k], self.sel[tj])
                 else:
@@ -461,11 +464,13 @@ class DescriptorSeA(nn.Module):
             counts = self.sel
         keep = [torch.arange(self.sec[t], self.sec[t] + counts[t], device=rij.device) for t in range(self.ntypes)]
         index = torch.cat(keep)  # [n_keep]
+        r = torch.linalg.vector_norm(rij.detach(), dim=-1)  # [nf, nloc, nnei]
         mate: Optional[torch.Tensor] = None
         if partner is not None:
-            mate = self._mates(partner, atype, counts, index, rij)  # [nf, nloc, n_keep] or None
+            mate = self._mates(partner, atype, counts, index, r)  # [nf, nloc, n_keep] or None
         if sum(counts) != self.nnei:
             rij = rij.index_select(2, index)  # [nf, nloc, n_keep, 3]
+            r = r.index_select(2, index)  # [nf, nloc, n_keep]
             davg = self.davg.index_select(1, index)[atype]  # [nloc, n_keep, 4]
             dstd = self.dstd.index_select(1, index)[atype]
         else:
@@ -474,7 +479,7 @@ class DescriptorSeA(nn.Module):
         n_keep = rij.shape[2]
         s_n, rr = normalized_rows(rij, davg, dstd, self.rcut_smth, self.rcut)  # [nf, nloc, n_keep, 1], [.., 4]
         # [nf, nloc, n_keep]: r < rcut as in smooth_switch; a NaN counts as inside, so it reaches the energy
-        inside = torch.logical_not(torch.linalg.vector_norm(rij.detach(), dim=-1) >= self.rcut)
+        inside = torch.logical_not(r >= self.rcut)
         pad = self._pad_suffix_sums_cached()
         if self.type_one_side:
             centre = atype.repeat(nf)  # [nf*nloc]
