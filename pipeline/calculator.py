@@ -22,12 +22,12 @@ from .model.serialize import load_model
 from .runtime import configure_torch
 
 
-def atom_types(symbols: Sequence[str], type_map: Sequence[str]) -> np.ndarray:
-    """Map chemical symbols to model type indices (error names an unknown element)."""
+def atom_types(symbols: Sequence[str], type_map: Sequence[str], model: str | None = None) -> np.ndarray:
+    """Map chemical symbols to model type indices (the error names an unknown element and the model file)."""
     lookup = {s: k for k, s in enumerate(type_map)}
     missing = sorted(set(symbols) - set(lookup))
     if missing:
-        raise DpeltError(f"elements {missing} are not in the model's type_map {list(type_map)}", key="type_map")
+        raise DpeltError(f"elements {missing} are not in the model's type_map {list(type_map)}", path=model, key="type_map")
     return np.array([lookup[s] for s in symbols], dtype=np.int64)
 
 
@@ -77,6 +77,7 @@ class DeepPotCalculator(_ExactStateCheck, Calculator):
         # a model loaded here is ours: freezing its weights lets inference reuse work that does
         # not depend on positions (see DescriptorSeA._pad_suffix_sums_cached)
         self.model = load_model(model).requires_grad_(False) if isinstance(model, (str, os.PathLike)) else model.eval()
+        self.model_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
         self.type_map = list(self.model.type_map)
         self.on_overflow = on_overflow
         self.overflow_frames = 0
@@ -87,7 +88,7 @@ class DeepPotCalculator(_ExactStateCheck, Calculator):
         pbc = atoms.pbc
         if "stress" in properties and not pbc.all():
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
-        atype = atom_types(atoms.get_chemical_symbols(), self.type_map)
+        atype = atom_types(atoms.get_chemical_symbols(), self.type_map, self.model_path)
         rij, nlist, overflow, partner = frame_inputs(
             atoms.positions[None], atoms.cell.array[None], pbc, atype, self.model.rcut, self.model.sel, self.type_map,
             on_overflow="error" if self.on_overflow == "error" else "ignore", where="atoms",
@@ -138,6 +139,7 @@ class EnsembleCalculator(_ExactStateCheck, Calculator):
             raise DpeltError(f"drive must be 'first' or 'mean', got {drive!r}", key="drive")
         loaded = [load_model(m).requires_grad_(False) if isinstance(m, (str, os.PathLike)) else m.eval() for m in models]
         self.ensemble = Ensemble(loaded)
+        self.model_path = os.fspath(models[0]) if isinstance(models[0], (str, os.PathLike)) else None
         self.type_map = self.ensemble.type_map
         self.drive = drive
         self.bias = bias if bias is not None and bias.active else None
@@ -156,7 +158,7 @@ class EnsembleCalculator(_ExactStateCheck, Calculator):
         periodic = bool(atoms.pbc.all())
         if "stress" in properties and not periodic:
             raise PropertyNotImplementedError("stress needs a cell periodic in all three directions")
-        atype = atom_types(atoms.get_chemical_symbols(), self.type_map)
+        atype = atom_types(atoms.get_chemical_symbols(), self.type_map, self.model_path)
         rij, nlist, overflow, partner = frame_inputs(
             atoms.positions[None], atoms.cell.array[None], atoms.pbc, atype, self.ensemble.rcut, self.ensemble.sel, self.type_map,
             on_overflow="error" if self.on_overflow == "error" else "ignore", where="atoms",

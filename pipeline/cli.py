@@ -453,7 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         if exc.errno == errno.ENOSPC:
             print(f"dpelt: error: {exc.filename or ''}: no space left on device; nothing half-written was kept, free space and resume", file=sys.stderr)
             return 28
-        raise
+        # an output or input path the system refuses (missing directory, read-only, a directory
+        # where a file should go): one line naming the path, no traceback
+        paths = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        print(f"dpelt: error: {paths or 'I/O'}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
 
 

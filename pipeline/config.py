@@ -63,7 +63,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
             try:
                 return _coerce(value, arg, key, source)
             except ConfigError as exc:
-                errors.append(exc)
+                errors.append((arg, exc))
+        for arg, exc in errors:  # a mapping meant as a section: its own error names the inner key
+            if isinstance(value, Mapping) and dataclasses.is_dataclass(arg):
+                raise exc
         raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", path=source, key=key)
     if tp is type(None):
         if value is None:

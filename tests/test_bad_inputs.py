@@ -168,3 +168,101 @@ def test_bad_model_files(tmp_path):
     with pytest.raises(DpeltError) as info:
         train(cfg, tmp_path / "out", init_model=good, log=lambda s: None)
     assert "ab.pt" in str(info.value) and "[type_map]" in str(info.value)
+
+
+def _cu_train_config(tmp_path: Path, **training):
+    from pipeline.data.netcdf import write_frames
+    from pipeline.examples import emt_bulk_frames
+    from pipeline.train.config import parse_train_config
+
+    data = tmp_path / "cu.nc"
+    if not data.exists():
+        write_frames(data, emt_bulk_frames(frames_per_temperature=2, temperatures_K=(300,)))
+    neuron = training.pop("neuron", [4, 8, 16])
+    type_map = training.pop("type_map", ["Cu"])
+    section = {"training_data": {"systems": [str(data)]}, "numb_steps": 1, "disp_freq": 1, "save_freq": 1}
+    section.update(training)
+    return parse_train_config(
+        {
+            "model": {"type_map": type_map, "descriptor": {"sel": [40] * len(type_map), "rcut": 4.0, "rcut_smth": 1.5, "neuron": neuron, "axis_neuron": 4}, "fitting_net": {"neuron": [16, 16]}},
+            "training": section,
+        }
+    )
+
+
+def test_restart_from_a_checkpoint_of_another_model_is_refused(tmp_path):
+    """--restart used to load any checkpoint and train it on the configured data."""
+    from pipeline.train.loop import train
+
+    train(_cu_train_config(tmp_path), tmp_path / "a", log=lambda s: None)
+    ckpt = tmp_path / "a" / "checkpoint.pt"
+    assert ckpt.exists()
+    for changed, key in (({"neuron": [4, 8, 8]}, "[config]"), ({"type_map": ["Cu", "Au"]}, "[type_map]")):
+        with pytest.raises(DpeltError) as info:
+            train(_cu_train_config(tmp_path, numb_steps=2, **changed), tmp_path / "b", restart=ckpt, log=lambda s: None)
+        assert "checkpoint.pt" in str(info.value) and key in str(info.value), str(info.value)
+    train(_cu_train_config(tmp_path, numb_steps=2), tmp_path / "c", restart=ckpt, log=lambda s: None)  # the same model restarts
+
+
+def test_training_inputs_checked_against_the_systems_found(tmp_path):
+    from pipeline.train.loop import train
+
+    with pytest.raises(DpeltError, match=r"nope \[training.training_data.systems\[0\]\]: no such file or directory"):
+        train(_cu_train_config(tmp_path, training_data={"systems": [str(tmp_path / "nope")]}), tmp_path / "o", log=lambda s: None)
+    cfg = _cu_train_config(tmp_path)
+    cfg = _cu_train_config(tmp_path, training_data={"systems": list(cfg.training.training_data.system_list), "batch_size": [1, 1]})
+    with pytest.raises(DpeltError, match=r"\[training.training_data.batch_size\]: batch_size lists 2 values for 1 systems"):
+        train(cfg, tmp_path / "o", log=lambda s: None)
+    assert not (tmp_path / "o" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("section, name, spoil, key", [
+    ("state_dict", None, lambda t: t.fill_(float("nan")), "state_dict."),
+    ("stats", "dstd", lambda t: t.mul_(0.0), "[stats.dstd]"),
+    ("stats", "davg", lambda t: t.fill_(float("inf")), "[stats.davg]"),
+])
+def test_model_file_with_non_finite_or_zero_statistics_is_refused(tmp_path, section, name, spoil, key):
+    from conftest import randomize_stats, tiny_model_config
+
+    from pipeline.model.deeppot import DeepPot
+    from pipeline.model.serialize import load_model, model_to_dict
+
+    model = randomize_stats(DeepPot(tiny_model_config()))
+    d = model_to_dict(model, model.config)
+    spoil(d[section][name or sorted(d[section])[0]])
+    torch.save(d, tmp_path / "spoilt.pt")
+    with pytest.raises(DpeltError) as info:
+        load_model(tmp_path / "spoilt.pt")
+    assert "spoilt.pt" in str(info.value) and key in str(info.value), str(info.value)
+    del d["state_dict"]
+    torch.save(d, tmp_path / "nostate.pt")
+    with pytest.raises(DpeltError, match=r"nostate\.pt \[state_dict\]: missing entry"):
+        load_model(tmp_path / "nostate.pt")
+
+
+def test_cli_reports_a_refused_path_in_one_line(tmp_path, capsys):
+    """An output the system refuses (no such directory, a directory in its place) is one error line, no traceback."""
+    from pipeline.cli import main
+    from pipeline.data.netcdf import write_frames
+    from pipeline.examples import emt_bulk_frames
+
+    src = tmp_path / "cu.nc"
+    write_frames(src, emt_bulk_frames(frames_per_temperature=1, temperatures_K=(300,)))
+    (tmp_path / "taken.nc").mkdir()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for dst in (tmp_path / "taken.nc", blocker / "sub" / "x.nc"):
+        assert main(["convert", str(src), str(dst)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("dpelt: error: ") and "\n" not in err and "Traceback" not in err, err
+
+
+def test_md_task_errors_name_their_own_key():
+    from pipeline.errors import ConfigError
+    from pipeline.explore.md import MDTask
+
+    for kwargs, key in (({"temperature_K": -300.0}, "[temperature_K]"), ({"dt_fs": 0.0}, "[dt_fs]"), ({"trj_freq": 0}, "[trj_freq]"), ({"nsteps": -1}, "[nsteps]")):
+        args = {"name": "t", "temperature_K": 300.0, "nsteps": 10} | kwargs
+        with pytest.raises(ConfigError) as info:
+            MDTask(**args)
+        assert key in str(info.value), str(info.value)

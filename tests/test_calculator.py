@@ -46,9 +46,15 @@ def test_forces_and_stress_match_numerical_derivatives(calc):
     assert atoms.get_potential_energy(force_consistent=True) == atoms.get_potential_energy()
 
 
-def test_unknown_element_and_free_cluster(calc):
+def test_unknown_element_and_free_cluster(calc, tmp_path):
     with pytest.raises(DpeltError, match=r"elements \['Xe'\] are not in the model's type_map"):
         Atoms("Xe2", positions=[[0, 0, 0], [0, 0, 2]], calculator=calc).get_potential_energy()
+    from pipeline.model.serialize import save_model
+
+    model = he_model()
+    path = save_model(model, model.config, tmp_path / "he.pt")
+    with pytest.raises(DpeltError, match=r"he\.pt \[type_map\]: elements \['Xe'\]"):  # names the model file
+        Atoms("Xe2", positions=[[0, 0, 0], [0, 0, 2]], calculator=DeepPotCalculator(path, threads=1)).get_potential_energy()
     mol = Atoms("HHe", positions=[[0, 0, 0], [0, 0, 1.8]], calculator=calc)
     f = mol.get_forces()
     np.testing.assert_allclose(f.sum(0), 0.0, atol=1e-12)

@@ -151,6 +151,12 @@ def _npy_system(tmp_path, coord_frames=3, energy_frames=3, natoms=2):
         (lambda d: np.save(d / "set.000/coord.npy", np.full((3, 6), np.nan)), r"\[coord\]: non-finite value"),
         (lambda d: (d / "set.000/coord.npy").unlink(), r"\[coord\]: missing coord\.npy"),
         (lambda d: (d / "set.000/coord.npy").write_bytes(b"garbage"), r"\[coord\]: cannot read \.npy"),
+        # the offending (negative) index itself, not the largest valid one
+        (lambda d: (d / "type.raw").write_text("0\n-1\n"), r"type\.raw \[type\]: type index -1 outside type_map .*line 2"),
+        # a repeated element would silently make every H an O
+        (lambda d: (d / "type_map.raw").write_text("O\nO\n"), r"type_map\.raw \[type_map\]: elements \['O'\] appear more than once"),
+        # a NaN names the .npy file and the frame within it
+        (lambda d: np.save(d / "set.000/energy.npy", np.array([0.0, np.nan, 0.0])), r"set\.000/energy\.npy \[energy\]: non-finite value .* frame 1 "),
     ],
 )
 def test_bad_deepmd_data_is_named(tmp_path, break_it, message):
@@ -166,3 +172,25 @@ def test_missing_labels_when_required(tmp_path):
     write_frames(tmp_path / "u.nc", ds.drop_vars("force"))
     with pytest.raises(DataError, match=r"u\.nc \[force\]: missing label"):
         read_systems(tmp_path / "u.nc", require_labels=True)
+
+
+def test_repeated_element_in_type_map_is_refused(tmp_path):
+    from pipeline.data.frames import make_frames
+
+    with pytest.raises(DataError, match=r"\[type_map\]: elements \['Cu'\] appear more than once"):
+        make_frames(coord=np.zeros((1, 2, 3)), cell=np.eye(3) * 5, atom_type=[0, 1], type_map=["Cu", "Cu"], pbc=(True,) * 3, source="x")
+
+
+def test_extxyz_with_labels_on_some_frames_only_is_refused(tmp_path):
+    """Dropping the forces of the frames that have them would lose data silently."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    labelled = Atoms("Cu2", positions=[[0, 0, 0], [1.3, 1.3, 0]], cell=[4, 4, 4], pbc=True)
+    labelled.calc = SinglePointCalculator(labelled, energy=-1.0, forces=np.ones((2, 3)))
+    bare = labelled.copy()
+    bare.calc = SinglePointCalculator(bare, energy=-2.0)
+    write(tmp_path / "mixed.xyz", [labelled, bare])
+    with pytest.raises(DataError, match=r"mixed\.xyz \[force\]: structure 0 carries force but structure 1"):
+        read_systems(tmp_path / "mixed.xyz")

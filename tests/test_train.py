@@ -155,6 +155,23 @@ def test_deepmd_input_json_is_accepted(tmp_path):
         ({"loss": {"start_pref_f": -1}}, r"\[loss.start_pref_f\]: prefactors must be >= 0"),
         ({"training": {"numb_steps": "many"}}, r"\[training.numb_steps\]: expected int"),
         ({"training": {"training_data": {"batch_size": "huge"}}}, r"\[training.training_data.batch_size\]"),
+        ({"training": {"training_data": {"batch_size": 0}}}, r"\[training.training_data.batch_size\]: batch_size must be an integer >= 1"),
+        ({"training": {"training_data": {"batch_size": -2}}}, r"\[training.training_data.batch_size\]"),
+        ({"training": {"training_data": {"batch_size": "auto:x"}}}, r"\[training.training_data.batch_size\]"),
+        ({"training": {"training_data": {"batch_size": [1, 0]}}}, r"\[training.training_data.batch_size\]"),
+        ({"training": {"training_data": {"batch_size": []}}}, r"\[training.training_data.batch_size\]"),
+        # an error inside an optional section names the inner key, not the whole section
+        ({"training": {"validation_data": {"systems": ["v"], "numb_btch": 0}}}, r"\[training.validation_data.numb_btch\]: must be >= 1"),
+        ({"training": {"validation_data": {"systems": ["v"], "bogus": 1}}}, r"\[training.validation_data.bogus\]: unknown key"),
+        ({"model": {"descriptor": {"rcut": float("inf")}}}, r"\[model.descriptor.rcut\]: rcut must be a finite cut-off > 0"),
+        ({"model": {"descriptor": {"rcut": -5.0}}}, r"\[model.descriptor.rcut\]: rcut must be a finite cut-off > 0"),
+        ({"model": {"descriptor": {"rcut": float("nan")}}}, r"\[model.descriptor.rcut\]"),
+        ({"model": {"descriptor": {"sel": "auto:0"}}}, r"\[model.descriptor.sel\]: the factor of 'auto:0' must be a number >= 1"),
+        ({"learning_rate": {"start_lr": 1e-3, "stop_lr": 1.0}}, r"\[learning_rate.stop_lr\]: stop_lr \(1\) must not exceed start_lr"),
+        (
+            {"loss": {k: 0 for k in ("start_pref_e", "limit_pref_e", "start_pref_f", "limit_pref_f")}},
+            r"\[loss.start_pref_e\]: every prefactor is 0",
+        ),
     ],
 )
 def test_bad_training_inputs_name_the_key(patch, message):

@@ -67,9 +67,19 @@ def atoms_to_frames(images: Sequence[ase.Atoms], type_map: Sequence[str] | None 
                 raise DataError(f"element {s} is not in type_map {type_map}", path=source, key="type_map")
         atype = [type_map.index(s) for s in symbols]
         labels = [_labels(images[k]) for k in idx]
-        energy = np.array([l[0] for l in labels]) if all(l[0] is not None for l in labels) else None
-        force = np.stack([l[1] for l in labels]) if all(l[1] is not None for l in labels) else None
-        virial = np.stack([l[2] for l in labels]) if all(l[2] is not None for l in labels) else None
+        for slot, name in enumerate(("energy", "force", "virial")):
+            have = [l[slot] is not None for l in labels]
+            if any(have) and not all(have):  # dropping the label of the frames that have it would lose data
+                missing = [idx[n] for n, h in enumerate(have) if not h]
+                raise DataError(
+                    f"structure {idx[have.index(True)]} carries {name} but structure {missing[0]} ({len(missing)} in all, same composition) does not; "
+                    "a system's frames must all carry a label or none",
+                    path=source,
+                    key=name,
+                )
+        energy = np.array([l[0] for l in labels]) if labels[0][0] is not None else None
+        force = np.stack([l[1] for l in labels]) if labels[0][1] is not None else None
+        virial = np.stack([l[2] for l in labels]) if labels[0][2] is not None else None
         prov = {}
         for name, (dtype, fill) in PROVENANCE.items():
             vals = [images[k].info.get(name, fill) for k in idx]

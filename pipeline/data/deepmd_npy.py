@@ -40,6 +40,13 @@ def _load_npy(path: Path, key: str) -> np.ndarray:
         raise DataError(f"cannot read .npy array: {exc}", path=path, key=key) from None
 
 
+def _check_finite(arr: np.ndarray, path: Path, key: str) -> None:
+    """A NaN or infinity names the file and the frame (row) within it."""
+    if np.issubdtype(arr.dtype, np.number) and not np.isfinite(arr).all():
+        bad = np.flatnonzero(~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1))
+        raise DataError(f"non-finite value (NaN or inf) in frame {int(bad[0])} of this file ({len(bad)} frame(s) affected)", path=path, key=key)
+
+
 def read_deepmd_system(path: str | os.PathLike, type_map: Sequence[str] | None = None) -> xr.Dataset:
     """Read one deepmd/npy system directory into a frames dataset (all ``set.*`` concatenated).
 
@@ -64,12 +71,17 @@ def read_deepmd_system(path: str | os.PathLike, type_map: Sequence[str] | None =
         own_map = tm_file.read_text().split()
         if not own_map:
             raise DataError("empty type_map.raw", path=tm_file, key="type_map")
+        repeated = sorted({e for e in own_map if own_map.count(e) > 1})
+        if repeated:
+            raise DataError(f"elements {repeated} appear more than once in {own_map}: each type needs its own element", path=tm_file, key="type_map")
     elif type_map is not None:
         own_map = list(type_map)
     else:
         raise DataError("no type_map.raw: pass the element order (type_map, e.g. --type-map O H)", path=path, key="type_map")
-    if atype.max() >= len(own_map) or atype.min() < 0:
-        raise DataError(f"type index {atype.max()} outside type_map {own_map}", path=type_raw, key="type")
+    outside = (atype < 0) | (atype >= len(own_map))
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        raise DataError(f"type index {int(atype[first])} outside type_map {own_map} (atom {first}, line {first + 1})", path=type_raw, key="type")
     nopbc = (path / "nopbc").exists()
     sets = sorted(p for p in path.glob("set.*") if p.is_dir())
     if not sets:
@@ -82,6 +94,7 @@ def read_deepmd_system(path: str | os.PathLike, type_map: Sequence[str] | None =
         if coord.ndim != 2 or coord.shape[1] != natoms * 3:
             raise DataError(f"shape {coord.shape}, expected [nframes, {natoms * 3}] for {natoms} atoms in type.raw", path=s / "coord.npy", key="coord")
         nf = coord.shape[0]
+        _check_finite(coord, s / "coord.npy", "coord")
 
         def load(name: str, width: int | None, required: bool) -> np.ndarray | None:
             f = s / f"{name}.npy"
@@ -95,6 +108,7 @@ def read_deepmd_system(path: str | os.PathLike, type_map: Sequence[str] | None =
                 arr = arr.reshape(nf)
             if arr.shape != want:
                 raise DataError(f"shape {arr.shape}, expected {list(want)} ({nf} frames in coord.npy)", path=f, key=name)
+            _check_finite(arr, f, name)
             return arr
 
         box = load("box", 9, required=not nopbc)

@@ -163,6 +163,10 @@ def validate_frames(ds: xr.Dataset, source: str, require_labels: bool = False) -
         if dim in ds.sizes and ds.sizes[dim] != 3:
             fail(dim, f"dimension {dim} has size {ds.sizes[dim]}, expected 3")
     ntypes = ds.sizes["type"]
+    elements = [str(e) for e in ds["type_map"].values]
+    repeated = sorted({e for e in elements if elements.count(e) > 1})
+    if repeated:
+        fail("type_map", f"elements {repeated} appear more than once in {elements}: each type needs its own element")
     atype = ds["atom_type"].values
     if not np.issubdtype(atype.dtype, np.integer):
         fail("atom_type", f"must be integers, got {atype.dtype}")

@@ -59,8 +59,14 @@ class MDTask:
             raise ConfigError(f"ensemble must be one of {ENSEMBLES}, got {self.ensemble!r}", key="ensemble")
         if self.ensemble.startswith("npt") and self.pressure_bar is None:
             raise ConfigError(f"ensemble {self.ensemble} needs a pressure (bar)", key="press")
-        if self.nsteps < 0 or self.trj_freq < 1 or self.dt_fs <= 0 or self.temperature_K < 0:
-            raise ConfigError("need nsteps >= 0, trj_freq >= 1, dt > 0 and temperature >= 0", key="nsteps")
+        for name, ok, need in (
+            ("nsteps", self.nsteps >= 0, ">= 0"),
+            ("trj_freq", self.trj_freq >= 1, ">= 1"),
+            ("dt_fs", self.dt_fs > 0, "> 0 (fs)"),
+            ("temperature_K", self.temperature_K >= 0, ">= 0 (K)"),
+        ):
+            if not ok:
+                raise ConfigError(f"need {name} {need}, got {getattr(self, name)!r}", key=name)
 
 
 def make_dynamics(task: MDTask, atoms: ase.Atoms, rng: np.random.Generator):

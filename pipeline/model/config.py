@@ -7,6 +7,8 @@ hold their default value, naming the option.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
@@ -45,6 +47,8 @@ class DescriptorConfig:
                 path=source,
                 key=f"{key}.type",
             )
+        if not (math.isfinite(self.rcut) and self.rcut > 0):
+            raise ConfigError(f"rcut must be a finite cut-off > 0 (Å), got {self.rcut}", path=source, key=f"{key}.rcut")
         if not 0 <= self.rcut_smth < self.rcut:
             raise ConfigError(f"need 0 <= rcut_smth < rcut, got rcut_smth={self.rcut_smth}, rcut={self.rcut}", path=source, key=f"{key}.rcut_smth")
         if isinstance(self.sel, str):
@@ -52,9 +56,11 @@ class DescriptorConfig:
                 raise ConfigError(f"sel must be a list of integers, 'auto' or 'auto:<factor>', got {self.sel!r}", path=source, key=f"{key}.sel")
             if self.sel.startswith("auto:"):
                 try:
-                    float(self.sel[5:])
+                    factor = float(self.sel[5:])
                 except ValueError:
                     raise ConfigError(f"bad factor in {self.sel!r}", path=source, key=f"{key}.sel") from None
+                if not (math.isfinite(factor) and factor >= 1):
+                    raise ConfigError(f"the factor of {self.sel!r} must be a number >= 1 (sel = factor x the largest neighbour count in the data)", path=source, key=f"{key}.sel")
         elif any(s < 1 for s in self.sel):
             raise ConfigError(f"every sel entry must be >= 1, got {list(self.sel)}", path=source, key=f"{key}.sel")
         if not self.neuron or any(n < 1 for n in self.neuron):

@@ -117,6 +117,9 @@ def read_model_file(path: str | os.PathLike, kind: str = MODEL_KIND) -> dict:
 
 def model_from_dict(data: dict, source: str = "<model>") -> tuple[DeepPot, Any]:
     """Rebuild (model, config) from a model dictionary."""
+    for entry in ("config", "state_dict", "stats"):
+        if entry not in data:
+            raise ModelFileError("missing entry", path=source, key=entry)
     try:
         config = parse_model_config(data["config"], "config", source)
         model = DeepPot(config, sel=list(data["config"]["descriptor"]["sel"]))
@@ -126,8 +129,16 @@ def model_from_dict(data: dict, source: str = "<model>") -> tuple[DeepPot, Any]:
         model.load_state_dict(state, strict=True)
     except ModelFileError:
         raise
-    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+    except KeyError as exc:
+        raise ModelFileError(f"missing entry {exc}", path=source) from None
+    except (RuntimeError, TypeError, ValueError) as exc:
         raise ModelFileError(f"inconsistent model file: {exc}", path=source) from None
+    for section in ("state_dict", "stats"):
+        for name, value in data[section].items():
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ModelFileError("non-finite value (NaN or inf): the model would predict NaN", path=source, key=f"{section}.{name}")
+    if not bool((data["stats"]["dstd"] > 0).all()):
+        raise ModelFileError("every standard deviation must be > 0 (descriptor inputs are divided by it)", path=source, key="stats.dstd")
     return model, config
 
 

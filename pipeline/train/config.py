@@ -34,6 +34,8 @@ class LearningRateConfig:
             raise ConfigError(f"learning-rate type {self.type!r} is not supported (only 'exp')", path=source, key=f"{key}.type")
         if not (self.start_lr > 0 and self.stop_lr > 0):
             raise ConfigError("start_lr and stop_lr must be > 0", path=source, key=f"{key}.start_lr")
+        if not self.stop_lr <= self.start_lr:
+            raise ConfigError(f"stop_lr ({self.stop_lr:g}) must not exceed start_lr ({self.start_lr:g}): the rate would grow", path=source, key=f"{key}.stop_lr")
         if self.decay_steps < 1:
             raise ConfigError("must be >= 1", path=source, key=f"{key}.decay_steps")
 
@@ -61,8 +63,10 @@ class LossConfig:
         if self.type != "ener":
             raise ConfigError(f"loss type {self.type!r} is not supported (only 'ener')", path=source, key=f"{key}.type")
         for name in ("start_pref_e", "limit_pref_e", "start_pref_f", "limit_pref_f", "start_pref_v", "limit_pref_v"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ConfigError("prefactors must be >= 0", path=source, key=f"{key}.{name}")
+        if not any(getattr(self, name) > 0 for name in ("start_pref_e", "limit_pref_e", "start_pref_f", "limit_pref_f", "start_pref_v", "limit_pref_v")):
+            raise ConfigError("every prefactor is 0: the loss would be zero and nothing would be learnt", path=source, key=f"{key}.start_pref_e")
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,17 @@ class DataConfig:
     set_prefix: str = unsupported("set")
 
     def check(self, key: str, source: str | None) -> None:
-        if isinstance(self.batch_size, str) and not (self.batch_size == "auto" or self.batch_size.startswith("auto:")):
-            raise ConfigError(f"batch_size must be an integer, 'auto' or 'auto:N', got {self.batch_size!r}", path=source, key=f"{key}.batch_size")
+        bad = ConfigError(f"batch_size must be an integer >= 1, 'auto', 'auto:N' (N >= 1) or a list of integers >= 1 (one per system), got {self.batch_size!r}", path=source, key=f"{key}.batch_size")
+        if isinstance(self.batch_size, str):
+            if self.batch_size != "auto":
+                head, _, n = self.batch_size.partition(":")
+                if head != "auto" or not n.strip().isdigit() or int(n) < 1:
+                    raise bad
+        elif isinstance(self.batch_size, tuple):
+            if not self.batch_size or any(b < 1 for b in self.batch_size):
+                raise bad  # the length is checked against the systems found (a path may hold several)
+        elif self.batch_size < 1:
+            raise bad
         if self.auto_prob not in ("prob_sys_size", "prob_uniform"):
             raise ConfigError(f"auto_prob must be 'prob_sys_size' or 'prob_uniform', got {self.auto_prob!r}", path=source, key=f"{key}.auto_prob")
         if self.numb_btch < 1:

@@ -22,7 +22,7 @@ from .. import __version__
 from ..config import to_dict
 from ..data.io import read_systems
 from ..data.netcdf import content_sha256
-from ..errors import ConfigError, DataError, ModelFileError
+from ..errors import ConfigError, ModelFileError
 from ..fileio import write_json_atomic, write_text_atomic
 from ..model.config import ModelConfig
 from ..model.deeppot import DeepPot
@@ -49,11 +49,10 @@ def make_adam(params: list, lr: float) -> torch.optim.Optimizer:
 def load_systems(data: DataConfig, type_map: Sequence[str], key: str) -> list[tuple]:
     """[(dataset, source)] for every system under the configured paths (labels required)."""
     out = []
-    for path in data.system_list:
-        try:
-            systems = read_systems(path, type_map=type_map, require_labels=True)
-        except DataError:
-            raise
+    for i, path in enumerate(data.system_list):
+        if not Path(path).exists():
+            raise ConfigError("no such file or directory", path=path, key=f"{key}.systems[{i}]")
+        systems = read_systems(path, type_map=type_map, require_labels=True)
         for k, ds in enumerate(systems):
             out.append((ds, path if len(systems) == 1 else f"{path}#{k}"))
     if not out:
@@ -172,6 +171,14 @@ def _checkpoint(path: Path, model: DeepPot, cfg: TrainConfig, opt: torch.optim.O
     save_torch(data, path)
 
 
+def _check_same_model(model: DeepPot, model_cfg: ModelConfig, want: ModelConfig, path, what: str) -> None:
+    """A checkpoint or warm-start model must have the config's type_map and architecture (sel and seeds aside)."""
+    if list(model.type_map) != list(want.type_map):
+        raise ModelFileError(f"type_map {model.type_map} differs from the config's {list(want.type_map)}; {what} needs the same elements in the same order", path=path, key="type_map")
+    if to_dict(model_cfg.descriptor) | {"sel": None, "seed": None} != to_dict(want.descriptor) | {"sel": None, "seed": None} or to_dict(model_cfg.fitting_net) | {"seed": None} != to_dict(want.fitting_net) | {"seed": None}:
+        raise ModelFileError(f"architecture differs from the config's model section; {what} needs the same descriptor and fitting_net", path=path, key="config")
+
+
 def train(
     cfg: TrainConfig,
     out_dir: str | os.PathLike,
@@ -195,6 +202,9 @@ def train(
     type_map = list(cfg.model.type_map)
     train_raw = load_systems(cfg.training.training_data, type_map, "training.training_data")
     valid_raw = load_systems(cfg.training.validation_data, type_map, "training.validation_data") if cfg.training.validation_data else []
+    for data, loaded, key in ((cfg.training.training_data, train_raw, "training_data"), (cfg.training.validation_data, valid_raw, "validation_data")):
+        if data is not None and isinstance(data.batch_size, tuple) and len(data.batch_size) != len(loaded):
+            raise ConfigError(f"batch_size lists {len(data.batch_size)} values for {len(loaded)} systems (one per system, in order)", key=f"training.{key}.batch_size")
 
     fingerprint = _fingerprint(cfg, train_raw, init_model, threads)
     if resume and restart is None and (out_dir / "checkpoint.pt").exists():
@@ -210,15 +220,13 @@ def train(
     ckpt = None
     if restart is not None:
         ckpt = read_model_file(restart, kind=CHECKPOINT_KIND)
-        model, _ = model_from_dict(ckpt["model"], str(restart))
+        model, ckpt_cfg = model_from_dict(ckpt["model"], str(restart))
+        _check_same_model(model, ckpt_cfg, cfg.model, restart, "restart")
         sel = model.sel
     elif init_model is not None:
         init = read_model_file(init_model)
         model, init_cfg = model_from_dict(init, str(init_model))
-        if list(model.type_map) != type_map:
-            raise ModelFileError(f"type_map {model.type_map} differs from the config's {type_map}", path=init_model, key="type_map")
-        if to_dict(init_cfg.descriptor) | {"sel": None, "seed": None} != to_dict(cfg.model.descriptor) | {"sel": None, "seed": None} or to_dict(init_cfg.fitting_net) | {"seed": None} != to_dict(cfg.model.fitting_net) | {"seed": None}:
-            raise ModelFileError("architecture differs from the config's model section; warm start needs the same descriptor and fitting_net", path=init_model, key="config")
+        _check_same_model(model, init_cfg, cfg.model, init_model, "warm start")
         sel = model.sel
     else:
         sel = resolve_sel(cfg.model, train_raw)
@@ -232,6 +240,8 @@ def train(
     model.train()
 
     numb_steps = cfg.training.numb_steps
+    if numb_steps == 0:
+        log("warning: training.numb_steps is 0: no training step is taken; model.pt holds the initial model")
     lr_sched = ExpDecay.from_config(cfg.learning_rate, numb_steps)
     batch_sizes = [resolve_batch_size(cfg.training.training_data.batch_size, s.natoms, k) for k, s in enumerate(systems)]
     sampler = BatchSampler(systems, batch_sizes, seed, cfg.training.training_data.auto_prob)
