@@ -266,3 +266,20 @@ def test_md_task_errors_name_their_own_key():
         with pytest.raises(ConfigError) as info:
             MDTask(**args)
         assert key in str(info.value), str(info.value)
+
+
+def test_model_file_type_map_must_match_its_config(tmp_path):
+    from conftest import randomize_stats, tiny_model_config
+
+    from pipeline.model.deeppot import DeepPot
+    from pipeline.model.serialize import load_model, model_to_dict
+
+    model = randomize_stats(DeepPot(tiny_model_config()))
+    d = model_to_dict(model, model.config)
+    d["type_map"] = list(reversed(d["type_map"]))
+    torch.save(d, tmp_path / "swapped.pt")
+    with pytest.raises(DpeltError, match=r"swapped\.pt \[type_map\]: type_map .* differs from the config's"):
+        load_model(tmp_path / "swapped.pt")
+    (tmp_path / "adir.pt").mkdir()
+    with pytest.raises(DpeltError, match=r"adir\.pt: is a directory"):
+        load_model(tmp_path / "adir.pt")

@@ -89,7 +89,7 @@ def read_model_file(path: str | os.PathLike, kind: str = MODEL_KIND) -> dict:
     """Load and check the raw dictionary of a model (or checkpoint) file."""
     path = Path(path)
     if not path.is_file():
-        raise ModelFileError("file not found", path=path)
+        raise ModelFileError("is a directory, not a model file" if path.is_dir() else "file not found", path=path)
     with open(path, "rb") as fh:
         if fh.read(4) != b"PK\x03\x04":
             raise ModelFileError("not a readable torch file (truncated or another format: no torch.save archive)", path=path)
@@ -137,6 +137,8 @@ def model_from_dict(data: dict, source: str = "<model>") -> tuple[DeepPot, Any]:
         for name, value in data[section].items():
             if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise ModelFileError("non-finite value (NaN or inf): the model would predict NaN", path=source, key=f"{section}.{name}")
+    if "type_map" in data and list(data["type_map"]) != list(config.type_map):
+        raise ModelFileError(f"type_map {list(data['type_map'])} differs from the config's {list(config.type_map)}", path=source, key="type_map")
     if not bool((data["stats"]["dstd"] > 0).all()):
         raise ModelFileError("every standard deviation must be > 0 (descriptor inputs are divided by it)", path=source, key="stats.dstd")
     return model, config
