@@ -104,6 +104,20 @@ def test_resume_from_checkpoint_equals_uninterrupted(tmp_path, emt_data):
     assert (part_dir / "lcurve.csv").read_text() == (tmp_path / "full" / "lcurve.csv").read_text()
 
 
+def test_resuming_a_finished_run_rewrites_its_outputs(tmp_path, emt_data):
+    """Snakemake deletes a job's outputs before rerunning it; a resume that finds the final
+    checkpoint takes no step but must still write model.pt and lcurve.csv (was: lcurve missing,
+    so Snakemake then deleted the model too)."""
+    out = tmp_path / "run"
+    train(tiny_config(emt_data, steps=20), out, log=lambda s: None)
+    model, lcurve = (out / "model.pt").read_bytes(), (out / "lcurve.csv").read_text()
+    (out / "model.pt").unlink()
+    (out / "lcurve.csv").unlink()
+    train(tiny_config(emt_data, steps=20), out, log=lambda s: None, resume=True)
+    assert (out / "model.pt").read_bytes() == model
+    assert (out / "lcurve.csv").read_text() == lcurve
+
+
 def test_warm_start_starts_from_the_old_model(tmp_path, emt_data):
     first = train(tiny_config(emt_data, steps=120), tmp_path / "first", log=lambda s: None)
     cold = read_lcurve(tmp_path / "first" / "lcurve.csv")[0]

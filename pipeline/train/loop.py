@@ -324,8 +324,7 @@ def train(
     model.eval()
     _checkpoint(out_dir / "checkpoint.pt", model, cfg, opt, numb_steps, sampler, rows, meta, fingerprint)
     path = save_model(model, cfg.model, out_dir / "model.pt", meta)
-    if not rows:
-        _write_lcurve(out_dir, cfg, rows, columns)
+    _write_lcurve(out_dir, cfg, rows, columns)  # always: a resumed run that takes no step still has its lcurve (Snakemake deleted it)
     t_end = time.perf_counter()
     log(f"wrote {path} ({t_end - t_launch:.1f} s in all)")
     if timing:
