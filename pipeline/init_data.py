@@ -33,7 +33,7 @@ from .data.netcdf import write_frames
 from .errors import ConfigError, DataError, DpeltError
 from .fileio import write_json_atomic
 from .label.oracles import Oracle, make_oracle
-from .label.validate import check_label
+from .label.validate import check_label, scf_converged
 from .seeds import derive_seed
 from .units import fs_to_ase_time
 
@@ -145,17 +145,18 @@ def perturbed(atoms: ase.Atoms, spec: PerturbSpec, rng: np.random.Generator) -> 
     return out
 
 
-def _labelled(atoms: ase.Atoms, result: dict, max_force: float) -> ase.Atoms | None:
+def _labelled(atoms: ase.Atoms, result: dict, max_force: float) -> tuple[ase.Atoms | None, str]:
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    if check_label(result, len(atoms), bool(atoms.pbc.all()), max_force):
-        return None
+    reason = check_label(result, len(atoms), bool(atoms.pbc.all()), max_force)
+    if reason:
+        return None, reason
     snap = atoms.copy()
     kw = {"energy": result["energy"], "free_energy": result["energy"], "forces": np.asarray(result["forces"])}
     if result.get("stress") is not None:
         kw["stress"] = np.asarray(result["stress"])
     snap.calc = SinglePointCalculator(snap, **kw)
-    return snap
+    return snap, ""
 
 
 def single_points(images: Sequence[ase.Atoms], oracle: Oracle, workdir: Path, max_force: float) -> tuple[list[ase.Atoms], list[str]]:
@@ -165,13 +166,11 @@ def single_points(images: Sequence[ase.Atoms], oracle: Oracle, workdir: Path, ma
         d = workdir / f"sp.{k:05d}"
         d.mkdir(parents=True, exist_ok=True)
         try:
-            lab = _labelled(atoms, oracle.compute(atoms, d), max_force)
+            lab, reason = _labelled(atoms, oracle.compute(atoms, d), max_force)
         except DpeltError:
             raise
         except Exception as exc:  # a crashed calculation is a failed label, not a failed step
             lab, reason = None, f"{type(exc).__name__}: {exc}"
-        else:
-            reason = "label failed the checks"
         if lab is None:
             failures.append(f"{atoms.info.get('source_task', '')} #{k}: {reason}")
         else:
@@ -179,9 +178,12 @@ def single_points(images: Sequence[ase.Atoms], oracle: Oracle, workdir: Path, ma
     return out, failures
 
 
-def oracle_md(atoms: ase.Atoms, oracle: Oracle, md: OracleMDSpec, rng: np.random.Generator, workdir: Path, max_force: float, tag: str) -> list[ase.Atoms]:
+def oracle_md(
+    atoms: ase.Atoms, oracle: Oracle, md: OracleMDSpec, rng: np.random.Generator, workdir: Path, max_force: float, tag: str, failures: list[str] | None = None
+) -> list[ase.Atoms]:
     """Langevin MD driven by the oracle (ab initio MD); every ``trj_freq`` steps after
-    ``equilibration`` a labelled snapshot is kept. A failed label stops the run."""
+    ``equilibration`` a labelled snapshot is kept. A failed label (crash, SCF not converged,
+    non-finite or excessive forces) stops the run; its reason is appended to ``failures``."""
     if md.nsteps <= 0:
         return []
     workdir.mkdir(parents=True, exist_ok=True)
@@ -190,17 +192,29 @@ def oracle_md(atoms: ase.Atoms, oracle: Oracle, md: OracleMDSpec, rng: np.random
     thermalize_momenta(a, temperature_K=md.temperature_K, rng=rng)
     Stationary(a)
     dyn = Langevin(a, timestep=fs_to_ase_time(md.dt_fs), temperature_K=md.temperature_K, friction=0.01, fixcm=False, rng=rng)
-    kept = []
-    for _ in dyn.irun(steps=md.equilibration + md.nsteps):
-        step = dyn.nsteps
-        if step <= md.equilibration or (step - md.equilibration) % md.trj_freq:
-            continue
-        res = {"energy": a.get_potential_energy(), "forces": a.get_forces(), "stress": a.get_stress() if a.pbc.all() else None}
-        lab = _labelled(a, res, max_force)
-        if lab is None:
-            break
-        lab.info.update({"md_step": step, "temperature_K": float(md.temperature_K), "source_task": tag})
-        kept.append(lab)
+    kept: list[ase.Atoms] = []
+    step, reason = 0, ""
+    try:
+        for _ in dyn.irun(steps=md.equilibration + md.nsteps):
+            step = dyn.nsteps
+            converged = scf_converged(a.calc)
+            if converged is False:  # an unconverged SCF drives no further step, kept or not
+                reason = "SCF not converged"
+                break
+            if step <= md.equilibration or (step - md.equilibration) % md.trj_freq:
+                continue
+            res = {"energy": a.get_potential_energy(), "forces": a.get_forces(), "stress": a.get_stress() if a.pbc.all() else None, "converged": converged}
+            lab, reason = _labelled(a, res, max_force)
+            if lab is None:
+                break
+            lab.info.update({"md_step": step, "temperature_K": float(md.temperature_K), "source_task": tag})
+            kept.append(lab)
+    except DpeltError:
+        raise
+    except Exception as exc:  # a crashed calculation ends this MD run; what it labelled is kept
+        reason = f"{type(exc).__name__}: {exc}"
+    if reason and failures is not None:
+        failures.append(f"{tag} step {step}: {reason}; the oracle MD stopped there ({len(kept)} frames kept)")
     return kept
 
 
@@ -237,7 +251,7 @@ def make_init(spec: InitSpec, oracle_spec: dict, type_map: Sequence[str], out: s
             labelled, failed = single_points(todo, oracle, workdir / s.name / f"scale{k}", max_force)
             images += labelled
             failures += failed
-            images += oracle_md(scaled, oracle, spec.md, rng, workdir / s.name / f"md{k}", max_force, f"init:{s.name}:md{f:g}")
+            images += oracle_md(scaled, oracle, spec.md, rng, workdir / s.name / f"md{k}", max_force, f"init:{s.name}:md{f:g}", failures)
         images_by_name[s.name] = images
     systems = _to_systems(images_by_name, type_map, oracle.name, "init")
     for path in spec.data:
@@ -258,6 +272,7 @@ def make_holdout(spec: InitSpec, systems: Sequence[str], temperatures: Sequence[
     oracle = make_oracle(oracle_spec)
     by_name = {s.name: s for s in spec.structures}
     images_by_name: dict[str, list[ase.Atoms]] = {}
+    failures: list[str] = []
     for name in systems:
         if name not in by_name:
             raise ConfigError(f"system {name!r} is not an init structure ({sorted(by_name)})", key="explore.stages.systems")
@@ -265,9 +280,9 @@ def make_holdout(spec: InitSpec, systems: Sequence[str], temperatures: Sequence[
         atoms = build_structure(by_name[name], rng, base)
         for T in sorted(set(float(t) for t in temperatures)):
             run = OracleMDSpec(temperature_K=T, nsteps=frames * md.trj_freq, trj_freq=md.trj_freq, dt_fs=md.dt_fs, equilibration=md.equilibration)
-            images_by_name.setdefault(name, []).extend(oracle_md(atoms, oracle, run, rng, workdir / name / f"T{T:g}", max_force, f"holdout:{name}:T{T:g}"))
+            images_by_name.setdefault(name, []).extend(oracle_md(atoms, oracle, run, rng, workdir / name / f"T{T:g}", max_force, f"holdout:{name}:T{T:g}", failures))
     systems_out = _to_systems(images_by_name, type_map, oracle.name, "holdout")
     write_frames(out, systems_out)
-    summary = {"systems": [{"system": ds.attrs["system"], "frames": int(ds.sizes["frame"])} for ds in systems_out], "temperatures_K": sorted(set(float(t) for t in temperatures))}
+    summary = {"systems": [{"system": ds.attrs["system"], "frames": int(ds.sizes["frame"])} for ds in systems_out], "temperatures_K": sorted(set(float(t) for t in temperatures)), "failures": failures}
     write_json_atomic(out.with_suffix(".json"), summary)
     return summary

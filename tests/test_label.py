@@ -453,3 +453,16 @@ def _moved(atoms: Atoms, i: int, axis: int, d: float) -> Atoms:
     a = atoms.copy()
     a.positions[i, axis] += d
     return a
+
+
+@pytest.mark.parametrize("oracle, reason", [("bad_oracles.UnconvergedEMT", "SCF not converged"), ("bad_oracles.CrashingEMT", "RuntimeError: segfault in SCF")])
+def test_oracle_md_of_init_and_holdout_keeps_only_good_labels(tmp_path, oracle, reason):
+    """Oracle MD (init, holdout) used to keep unconverged labels and to crash with a traceback."""
+    from pipeline.init_data import OracleMDSpec, make_holdout, parse_init_spec
+
+    spec = parse_init_spec({"structures": [{"name": "cu", "lattice": "fcc", "elements": ["Cu"], "a": 3.61, "repeat": [2, 2, 2]}], "md": {"nsteps": 40, "trj_freq": 5}})
+    summary = make_holdout(spec, ["cu"], [300.0], 8, OracleMDSpec(trj_freq=5), {"name": oracle, "kwargs": {"fail_after": 12}}, ["Cu"], tmp_path / "h.nc", 1, tmp_path / "work")
+    (failure,) = summary["failures"]
+    assert reason in failure and "holdout:cu:T300" in failure, failure
+    # the frames labelled before the failure are kept, none after it
+    assert summary["systems"][0]["frames"] == 2
