@@ -19,9 +19,10 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-# The default run unless a complete config comes from the command line (--configfile X.yaml);
+# The default run unless config files come from the command line (--configfile X.yaml, which
+# must then be complete: an empty or partial file is an error, never silently the default run);
 # `--config key=value` alone still starts from the default.
-if "type_map" not in config:
+if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
 

@@ -201,8 +201,11 @@ def _cmd_holdout(args: argparse.Namespace) -> None:
     h = spec.get("holdout", {})
     md = OracleMDSpec(trj_freq=h.get("trj_freq", 20), dt_fs=h.get("dt_fs", 2.0), equilibration=h.get("equilibration", 200))
     oracle = spec.get("label", {}).get("oracle", {"name": "emt"})
-    s = make_holdout(init, spec["systems"], spec["temperatures_K"], h.get("frames", 10), md, oracle, spec["type_map"], args.output, args.seed, args.workdir)
-    print("; ".join(f"{x['system']}: {x['frames']} frames" for x in s["systems"]))
+    max_force = spec.get("label", {}).get("max_force", 50.0)
+    s = make_holdout(init, spec["systems"], spec["temperatures_K"], h.get("frames", 10), md, oracle, spec["type_map"], args.output, args.seed, args.workdir, max_force)
+    print("; ".join(f"{x['system']}: {x['frames']} frames" for x in s["systems"]) + (f"; {len(s['failures'])} failed labels" if s["failures"] else ""))
+    for failure in s["failures"]:
+        print(f"  {failure}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:

@@ -5,16 +5,17 @@ import json
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
-from snakemake.utils import validate
 
 from pipeline.errors import ConfigError
-from pipeline.runconfig import cross_check, stage_systems, stage_trust, train_input
+from pipeline.runconfig import cross_check, stage_systems, stage_trust, train_input, validate_schema
 from pipeline.seeds import derive_seed
 
 
-validate(config, "../config/schema.yaml")
+# the file named in errors: the last --configfile, else the default config
+CONFIG_SOURCE = str(workflow.overwrite_configfiles[-1]) if workflow.overwrite_configfiles else "config/config.yaml"
 try:
-    cross_check(config, source="config")
+    validate_schema(config, Path(workflow.basedir) / "config" / "schema.yaml", CONFIG_SOURCE)  # one line naming the key
+    cross_check(config, source=CONFIG_SOURCE)
 except ConfigError as exc:
     raise WorkflowError(f"dpelt: invalid configuration: {exc}") from None
 
@@ -176,12 +177,18 @@ def holdout_input(wc=None):
     return [ancient(HOLDOUT)] if config["holdout"]["enabled"] else []
 
 
+def oracle_label_spec():
+    """What the init and holdout jobs use of the label section (the oracle, the force ceiling):
+    changing anything else there (max_failed_ratio, retries) must not relabel their data."""
+    return {k: config["label"][k] for k in ("oracle", "max_force") if k in config["label"]}
+
+
 def holdout_spec():
     systems, temps = [], []
     for s in range(len(STAGES)):
         systems += [x for x in stage_systems(config, s) if x not in systems]
         temps += [float(T) for T in STAGES[s]["temps"] if float(T) not in temps]
-    return spec_json({"type_map": config["type_map"], "init": config["init"], "holdout": config["holdout"], "label": config["label"], "systems": systems, "temperatures_K": temps})
+    return spec_json({"type_map": config["type_map"], "init": config["init"], "holdout": config["holdout"], "label": oracle_label_spec(), "systems": systems, "temperatures_K": temps})
 
 
 # ---------------------------------------------------------------- seeds of the jobs

@@ -5,7 +5,7 @@ rule init:
         frames="data/init/frames.nc",
         summary="data/init/frames.json",
     params:
-        spec=spec_json({"type_map": config["type_map"], "init": config["init"], "label": config["label"]}),
+        spec=spec_json({"type_map": config["type_map"], "init": config["init"], "label": oracle_label_spec()}),
         seed=derive_seed(SEED, "init"),
         threads=THREADS["label"],
     log:

@@ -35,6 +35,7 @@ CONFIG_CASES = [
     ("foo", 1, "foo"),
     ("select.trust_mid", 0.1, "trust_mid"),
     ("numb_models", -1, "numb_models"),
+    ("numb_models", 1, "numb_models"),  # one model has no deviation: everything would look accurate
     ("explore.stages[0].nsteps", -5, "explore.stages[0].nsteps"),
     ("select.trust_lo", 0.9, "select.trust_lo"),
     ("type_map", ["Cu", "Zz"], "type_map"),

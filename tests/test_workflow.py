@@ -86,11 +86,33 @@ def test_bad_config_stops_before_any_job(tmp_path, patch, key):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert key.split(".")[-1].split("[")[0] in out, out[-2000:]
+    assert "run.yaml" in out and len(out.splitlines()) < 20, out[-3000:]  # names the file, no schema dump
     assert not (run / "data").exists() and not (run / "iter").exists()
     # the same check by hand names the key exactly
     if key != "bogus":
         hand = dpelt(run, "check-config", "config/run.yaml")
         assert hand.returncode == 2 and key in hand.stderr, hand.stderr
+
+
+def test_empty_config_file_is_not_the_default_run(tmp_path):
+    """--configfile with an empty or partial file used to be merged into config/config.yaml."""
+    run = workflow_dir(tmp_path)
+    (run / "config" / "empty.yaml").write_text("{}\n")
+    proc = snakemake(run, "-n", configfile="config/empty.yaml", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "empty.yaml" in out and "type_map" in out, out[-2000:]
+
+
+def test_init_and_holdout_do_not_depend_on_label_failure_policy(tmp_path):
+    """Raising label.max_failed_ratio (what a failed label step suggests) must not relabel init/holdout."""
+    cfg = yaml.safe_load((ROOT / "config" / "test.yaml").read_text())
+    plans = []
+    for ratio in (0.1, 0.3):
+        cfg["label"]["max_failed_ratio"] = ratio
+        run = workflow_dir(tmp_path / str(ratio), cfg)
+        plans.append(snakemake(run, "-n", "-p", configfile="config/run.yaml").stdout)
+    commands = [[c for c in (line.split("Shell command:")[-1].strip() for line in p.splitlines()) if c.startswith(("dpelt init", "dpelt holdout"))] for p in plans]
+    assert commands[0] and commands[0] == commands[1], commands  # (holdout is planned after the first checkpoint)
 
 
 def test_two_iteration_run(finished_run):
