@@ -132,7 +132,7 @@ def _cmd_explore(args: argparse.Namespace) -> None:
     if args.spec is not None:
         spec = _spec(args.spec, "explore")
         bias_spec = dict(spec.pop("bias", {}))
-        bias = BiasConfig(**bias_spec, trust_lo=spec.pop("trust_lo", 0.05), trust_hi=spec.pop("trust_hi", 0.15))
+        bias = parse_dataclass(BiasConfig, bias_spec | {"trust_lo": spec.pop("trust_lo", 0.05), "trust_hi": spec.pop("trust_hi", 0.15)}, "explore.bias", "--spec")
         guards = parse_dataclass(GuardConfig, spec.pop("guards", {}), "explore.guards", "--spec")
         task = parse_dataclass(MDTask, spec | {"name": name, "seed": args.seed, "iteration": args.iteration}, "explore", "--spec")
         from dataclasses import replace
@@ -176,6 +176,8 @@ def _cmd_select(args: argparse.Namespace) -> None:
     r = select(args.frames, cfg, args.seed, args.output, model=model, iteration=args.iteration, labelled_ids=labelled)
     c = r["counts"]
     print(f"{r['frames']} frames: {c['accurate']} accurate, {c['candidate']} candidate, {c['failed']} failed; selected {r['selected']}; converged: {r['converged']}")
+    for t in r["stopped_tasks"]:
+        print(f"  stopped by a guard (not converged): {t['task']}: {t['reason']}")
 
 
 def _cmd_init(args: argparse.Namespace) -> None:

@@ -11,11 +11,12 @@ With virial levels, a frame is failed if either quantity is at or above its uppe
 candidate if either lies in its band, accurate otherwise. At most ``max_labels`` candidates
 are picked per iteration, with a seeded generator (or spread out by farthest-point sampling
 in descriptor space). The iteration is ``converged`` when the accurate ratio reaches
-``conv_accuracy``.
+``conv_accuracy`` and no exploration trajectory had to be stopped by a guard.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,18 @@ def frame_fingerprints(model, systems: Sequence[xr.Dataset]) -> list[np.ndarray]
     return out
 
 
+def _task_status(frames_path: str) -> dict | None:
+    """The exploration task's summary (``md.json`` beside its ``frames.nc``), if there is one."""
+    md = Path(frames_path).with_name("md.json")
+    if not md.is_file():
+        return None
+    try:
+        info = json.loads(md.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read the task summary: {exc}", path=md) from None
+    return info if isinstance(info, dict) else None
+
+
 def select(
     paths: Sequence[str | os.PathLike],
     cfg: SelectConfig,
@@ -142,13 +155,19 @@ def select(
     out_dir = Path(out_dir)
     systems: list[xr.Dataset] = []
     sources: list[str] = []
+    stopped: list[dict] = []  # trajectories cut by a guard (blow-up, atoms too close, ...)
     for p in sorted(map(str, paths)):
+        status = _task_status(p)
         for ds in read_frames(p):
             if "max_devi_f" not in ds.coords:
                 raise DataError("exploration frames need the max_devi_f coordinate", path=p, key="max_devi_f")
+            if status is None and ds.attrs.get("status") == "stopped":
+                status = {"status": "stopped", "reason": str(ds.attrs.get("reason", "")), "steps_done": int(ds.attrs.get("steps_done", -1))}
             if nframes(ds):
                 systems.append(ds)
                 sources.append(p)
+        if status is not None and status.get("status") == "stopped":
+            stopped.append({"task": p, "reason": status.get("reason", ""), "steps_done": status.get("steps_done")})
     per_condition: dict[tuple, np.ndarray] = {}
     classes, candidate_masks = [], []
     for ds in systems:
@@ -214,7 +233,10 @@ def select(
         "max_labels": cfg.max_labels,
         "seed": int(seed),
         "conv_accuracy": cfg.conv_accuracy,
-        "converged": bool(n > 0 and ratios["accurate"] >= cfg.conv_accuracy),
+        # a trajectory the guards had to stop is an exploration the models do not get right,
+        # whatever the ratio of the frames it kept before
+        "stopped_tasks": stopped,
+        "converged": bool(n > 0 and ratios["accurate"] >= cfg.conv_accuracy and not stopped),
         "sources": sorted(set(sources)),
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -284,3 +284,32 @@ def test_model_file_type_map_must_match_its_config(tmp_path):
     (tmp_path / "adir.pt").mkdir()
     with pytest.raises(DpeltError, match=r"adir\.pt: is a directory"):
         load_model(tmp_path / "adir.pt")
+
+
+def test_ensemble_mismatch_names_the_model_file(tmp_path):
+    from conftest import randomize_stats, tiny_model_config
+
+    from pipeline.calculator import EnsembleCalculator
+    from pipeline.model.deeppot import DeepPot
+    from pipeline.model.serialize import save_model
+
+    a = randomize_stats(DeepPot(tiny_model_config()))
+    b = randomize_stats(DeepPot(tiny_model_config(sel=(20, 20))))
+    pa, pb = save_model(a, a.config, tmp_path / "m0.pt"), save_model(b, b.config, tmp_path / "m1.pt")
+    with pytest.raises(DpeltError, match=r"m1\.pt \[sel\]: ensemble member 1 .* member 0 \(.*m0\.pt\)"):
+        EnsembleCalculator([pa, pb], threads=1)
+
+
+def test_explore_spec_with_an_unknown_bias_key(tmp_path, capsys):
+    from conftest import randomize_stats, tiny_model_config
+
+    from pipeline.cli import main
+    from pipeline.model.deeppot import DeepPot
+    from pipeline.model.serialize import save_model
+
+    m = randomize_stats(DeepPot(tiny_model_config()))
+    path = save_model(m, m.config, tmp_path / "m.pt")
+    spec = '{"temperature_K": 300, "nsteps": 2, "bias": {"foo": 1}}'
+    assert main(["explore", "-m", str(path), str(path), "--start", str(tmp_path / "none.nc"), "--spec", spec, "-o", str(tmp_path / "e"), "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "[explore.bias.foo]: unknown key" in err and "Traceback" not in err, err

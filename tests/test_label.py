@@ -55,6 +55,8 @@ class BrokenEMT(EMT):
         bad = _step_of(atoms) in self.on
         if bad and self.mode == "crash":
             raise RuntimeError("boom: the oracle crashed")
+        if bad and self.mode == "exit":  # some codes call sys.exit on a fatal SCF error
+            raise SystemExit("scf gave up")
         super().calculate(atoms, properties, system_changes)
         if not bad:
             return
@@ -223,6 +225,7 @@ def test_scf_converged_is_read_defensively():
         ("shape", "forces have shape (3, 3), expected (4, 3)"),
         ("absurd", "absurd forces"),
         ("unconverged", "SCF not converged"),
+        ("exit", "calculator raised SystemExit: scf gave up"),
     ],
 )
 def test_failed_labels_are_quarantined(tmp_path, mode, reason):
@@ -296,10 +299,35 @@ def test_rerun_after_kill_reuses_finished_tasks(tmp_path):
     for name in ("coord", "energy", "force", "virial"):
         np.testing.assert_array_equal(after[name].values, before[name].values)
 
-    # a different oracle configuration does not reuse the old results
+    # a different oracle configuration does not reuse the old results, nor overwrite them:
+    # they are set aside, and switching back finds them again
     CountingEMT.calls = 0
     label(cand, {"name": dotted(CountingEMT), "kwargs": {"asap_cutoff": True}}, out)
     assert CountingEMT.calls == 4
+    assert len(list((out / "tasks" / frame_ids(ds)[0]).glob("result.*.json"))) == 1
+    CountingEMT.calls = 0
+    s = label(cand, {"name": dotted(CountingEMT)}, out)
+    assert CountingEMT.calls == 0 and s["cached"] == 4
+    (back,) = read_frames(out / "frames.nc")
+    np.testing.assert_array_equal(back["energy"].values, before["energy"].values)
+
+
+def test_a_frame_that_kills_the_labeler_is_recorded_as_failed(tmp_path):
+    """A segfault in native code leaves no result: the first death is retried (a node failure),
+    a second on the same frame records it as failed instead of crashing every rerun."""
+    ds = displaced_frames(4)
+    cand = write_candidates(tmp_path / "c.nc", ds)
+    out = tmp_path / "label"
+    ids = frame_ids(ds)
+    for fid, deaths in ((ids[1], 1), (ids[2], 2)):  # as a process killed inside the task leaves it
+        (out / "tasks" / fid).mkdir(parents=True)
+        (out / "tasks" / fid / "started").write_text(f"{deaths}\n")
+    CountingEMT.calls = 0
+    s = label(cand, {"name": dotted(CountingEMT)}, out, max_failed_ratio=0.3)
+    assert CountingEMT.calls == 3 and (s["failed"], s["labelled"]) == (1, 3)
+    (fail,) = json.loads((out / "failures.json").read_text())
+    assert fail["frame_id"] == ids[2] and "died 2 times" in fail["reason"]
+    assert not any((out / "tasks").glob("*/started"))  # every finished task cleared its marker
 
 
 # ---------------------------------------------------------------- configuration errors

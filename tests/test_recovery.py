@@ -207,3 +207,13 @@ def test_exploded_task_does_not_stop_the_iteration(tmp_path):
     write_frames(tmp_path / "c.nc", [])
     r = select([tmp_path / "a.nc", tmp_path / "b.nc", tmp_path / "c.nc"], SelectConfig(trust_lo=0.05, trust_hi=0.2), seed=1, out_dir=tmp_path / "s")
     assert r["frames"] == 7 and r["selected"] == 3
+    # the cut trajectory keeps the iteration from counting as converged, however accurate its frames
+    assert [t["task"] for t in r["stopped_tasks"]] == [str(tmp_path / "b.nc")] and not r["converged"]
+    r = select([tmp_path / "a.nc"], SelectConfig(trust_lo=0.05, trust_hi=0.2, conv_accuracy=0.1), seed=1, out_dir=tmp_path / "s2")
+    assert r["converged"] and r["stopped_tasks"] == []
+    # a task stopped before it kept any frame is known from its md.json
+    (tmp_path / "t").mkdir()
+    write_frames(tmp_path / "t" / "frames.nc", [])
+    (tmp_path / "t" / "md.json").write_text('{"status": "stopped", "reason": "atoms 0.3 A apart", "steps_done": 0}')
+    r = select([tmp_path / "a.nc", tmp_path / "t" / "frames.nc"], SelectConfig(trust_lo=0.05, trust_hi=0.2, conv_accuracy=0.1), seed=1, out_dir=tmp_path / "s3")
+    assert not r["converged"] and "apart" in r["stopped_tasks"][0]["reason"]

@@ -24,6 +24,7 @@ is reused, provided it came from the same oracle (or its oracle is not recorded)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -108,33 +109,71 @@ def _read_result(path: Path, spec: Any) -> dict | None:
     return record
 
 
+def _spec_tag(spec: Any) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _keep_other_oracle_result(path: Path, spec: Any) -> None:
+    """A result made with another oracle spec is set aside as ``result.<spec-hash>.json``, never
+    overwritten: switching the oracle back finds it again (see :func:`run_task`)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # unreadable: nothing worth keeping
+    if isinstance(old, dict) and old.get("oracle") is not None and old.get("oracle") != spec:
+        os.replace(path, path.with_name(f"result.{_spec_tag(old['oracle'])}.json"))
+
+
+# process deaths (native crash, kill) during one task before it is recorded as failed: one
+# death may be a node failure worth retrying; a second is most likely the frame itself
+MAX_DEATHS = 2
+
+
 def run_task(oracle: Oracle, atoms, task_dir: Path, frame_id: str, max_force: float, retry_failed: bool = False) -> tuple[dict, bool]:
     """Label one frame in ``task_dir`` (or reuse its finished result); returns ``(record, cached)``.
 
-    Any exception from the calculator, and any label :func:`check_label` refuses, gives a
-    record with ``status: failed`` and the reason; errors building the calculator are
-    configuration errors and propagate.
+    Any exception from the calculator (``SystemExit`` included), and any label
+    :func:`check_label` refuses, gives a record with ``status: failed`` and the reason; errors
+    building the calculator are configuration errors and propagate. A ``started`` marker counts
+    the attempts that never finished: when the labeler process itself died ``MAX_DEATHS``
+    times on this frame (a segfault in native code), the task is recorded as failed instead of
+    crashing every rerun. A result of another oracle spec is kept aside, not overwritten.
     """
     spec = _canonical(oracle.spec)
     path = task_dir / RESULT
     cached = _read_result(path, spec)
+    if cached is None:
+        cached = _read_result(task_dir / f"result.{_spec_tag(spec)}.json", spec)
+        if cached is not None:  # the oracle was switched back: its result becomes current again
+            _keep_other_oracle_result(path, spec)
+            os.replace(task_dir / f"result.{_spec_tag(spec)}.json", path)
     if cached is not None and not (retry_failed and cached["status"] == "failed"):
         return cached, True
     task_dir.mkdir(parents=True, exist_ok=True)
+    _keep_other_oracle_result(path, spec)
     natoms = len(atoms)
     periodic = bool(atoms.pbc.any())
     record: dict[str, Any] = {"format": RESULT_FORMAT, "frame_id": frame_id, "oracle": spec}
-    t0 = time.perf_counter()
+    marker = task_dir / "started"
     try:
-        r = oracle.compute(atoms, task_dir)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        message = " ".join(str(exc).split())
-        reason = f"calculator raised {type(exc).__name__}" + (f": {message[:500]}" if message else "")
-        write_text_atomic(task_dir / "error.log", traceback.format_exc())
+        deaths = int(marker.read_text().split()[0]) if marker.exists() else 0
+    except (OSError, ValueError, IndexError):
+        deaths = 1
+    t0 = time.perf_counter()
+    if deaths >= MAX_DEATHS and not retry_failed:
+        reason = f"the labeler process died {deaths} times during this task (a crash in native code, or killed) without a result"
     else:
-        reason = check_label(r, natoms, periodic, max_force)
+        write_text_atomic(marker, f"{deaths + 1}\n")
+        try:
+            r = oracle.compute(atoms, task_dir)
+        except ConfigError:
+            raise
+        except (Exception, SystemExit) as exc:
+            message = " ".join(str(exc).split())
+            reason = f"calculator raised {type(exc).__name__}" + (f": {message[:500]}" if message else "")
+            write_text_atomic(task_dir / "error.log", traceback.format_exc())
+        else:
+            reason = check_label(r, natoms, periodic, max_force)
     record["seconds"] = round(time.perf_counter() - t0, 3)
     if reason:
         record |= {"status": "failed", "reason": reason}
@@ -148,6 +187,7 @@ def run_task(oracle: Oracle, atoms, task_dir: Path, frame_id: str, max_force: fl
             "converged": r.get("converged"),
         }
     write_json_atomic(path, record)
+    marker.unlink(missing_ok=True)
     return record, False
 
 
@@ -303,7 +343,8 @@ def label(
         write_json_atomic(out_dir / "summary.json", summary)
         raise DpeltError(
             f"{counts['failed']} of {unique} labels failed ({ratio:.1%} > max_failed_ratio {max_failed_ratio:g}); "
-            f"reasons in {out_dir / 'failures.json'}, finished tasks kept in {out_dir / TASKS_DIR} (a rerun reuses them)",
+            f"reasons in {out_dir / 'failures.json'}, finished tasks kept in {out_dir / TASKS_DIR} (a rerun reuses them; "
+            "to try the failed ones again: snakemake --retries 1, or dpelt label --retry-failed)",
             path=candidates_path,
             key="max_failed_ratio",
         )

@@ -27,17 +27,20 @@ def _shapes(m: DeepPot) -> tuple:
 class Ensemble:
     """M models -> energies [M, nf], forces [M, nf, nloc, 3], virials [M, nf, 3, 3] in one call."""
 
-    def __init__(self, models: Sequence[DeepPot]):
+    def __init__(self, models: Sequence[DeepPot], paths: Sequence[str | None] | None = None):
+        """``paths`` (optional, one per model): the model files, named in errors."""
         if not models:
             raise ModelFileError("an ensemble needs at least one model")
+        where = list(paths) if paths is not None else [None] * len(models)
         self.models = [m.eval() for m in models]
         first = self.models[0]
         for k, m in enumerate(self.models[1:], 1):
             if list(m.type_map) != list(first.type_map):
-                raise ModelFileError(f"ensemble member {k} has type_map {m.type_map}, member 0 has {first.type_map}", key="type_map")
+                raise ModelFileError(f"ensemble member {k} has type_map {m.type_map}, member 0 ({where[0] or 'a loaded model'}) has {first.type_map}", path=where[k], key="type_map")
             if m.rcut != first.rcut or list(m.sel) != list(first.sel):
                 raise ModelFileError(
-                    f"ensemble member {k} has rcut {m.rcut}, sel {m.sel}; member 0 has rcut {first.rcut}, sel {first.sel}: members must share the neighbour list",
+                    f"ensemble member {k} has rcut {m.rcut}, sel {m.sel}; member 0 ({where[0] or 'a loaded model'}) has rcut {first.rcut}, sel {first.sel}: members must share the neighbour list",
+                    path=where[k],
                     key="sel",
                 )
         self.type_map = list(first.type_map)
