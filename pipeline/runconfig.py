@@ -91,15 +91,20 @@ def cross_check(config: dict, source: str | None = None) -> None:
     for k, s in enumerate(config["init"]["structures"]):
         if (s.get("file") is None) == (s.get("lattice") is None):
             raise ConfigError("give either lattice (with elements) or file", path=source, key=f"init.structures[{k}]")
+        if s.get("file") is not None and not Path(s["file"]).exists():  # paths are relative to the run directory
+            raise ConfigError(f"{s['file']}: no such file (relative paths are taken from the run directory {Path.cwd()})", path=source, key=f"init.structures[{k}].file")
         for el in s.get("elements", []):
             if el not in tm:
                 raise ConfigError(f"element {el!r} is not in type_map {tm}", path=source, key=f"init.structures[{k}].elements")
+    for k, p in enumerate(config["init"]["data"]):
+        if not Path(p).exists():
+            raise ConfigError(f"{p}: no such file or directory (relative paths are taken from the run directory {Path.cwd()})", path=source, key=f"init.data[{k}]")
     oracle = config["label"]["oracle"]
     try:
         make_oracle(oracle, source=source or "config")
         check_elements(oracle, tm, source=source or "config")
     except ConfigError as exc:
-        raise ConfigError(exc.message, path=source, key="label.oracle.name" if exc.key in (None, "oracle.name") else exc.key) from None
+        raise ConfigError(exc.message, path=source, key="label.oracle.name" if exc.key in (None, "oracle.name") else f"label.{exc.key}" if exc.key.startswith("oracle.") else exc.key) from None
     for k, st in enumerate(config["explore"]["stages"]):
         for name in st.get("systems", []):
             if name not in names:
@@ -111,6 +116,16 @@ def cross_check(config: dict, source: str | None = None) -> None:
             raise ConfigError(f"trust_lo ({lo}) must be below trust_hi ({hi})", path=source, key=f"explore.stages[{k}].trust_lo")
         if st["ensemble"].startswith("npt") and any(p is None for p in st["press"]):
             raise ConfigError(f"ensemble {st['ensemble']} needs pressures in bar", path=source, key=f"explore.stages[{k}].press")
+        if not st["ensemble"].startswith("npt") and any(p is not None for p in st["press"]):
+            raise ConfigError(f"ensemble {st['ensemble']} keeps the volume fixed: pressures {st['press']} would be recorded but never applied (use an npt ensemble, or press: [null])", path=source, key=f"explore.stages[{k}].press")
+        if st["trj_freq"] > st["nsteps"]:
+            raise ConfigError(f"trj_freq {st['trj_freq']} > nsteps {st['nsteps']}: only the (already labelled) start frame would be kept", path=source, key=f"explore.stages[{k}].trj_freq")
+    if sel.get("adapt_perc_candi") and sel.get("adapt_numb_candi") is None:
+        raise ConfigError("adapt_perc_candi works with the adaptive trust_lo, which adapt_numb_candi switches on; set adapt_numb_candi (0 for a fraction only)", path=source, key="select.adapt_perc_candi")
+    t = config["train"]
+    for name in ("warm_start_steps", "warm_start_start_lr"):
+        if t.get(name) is not None and not t.get("warm_start"):
+            raise ConfigError(f"{name} applies to warm-started members only; set train.warm_start: true (or remove {name})", path=source, key=f"train.{name}")
     inp = train_input(config)
     if list(inp["model"]["type_map"]) != tm:
         raise ConfigError(f"train.model.type_map {inp['model']['type_map']} differs from type_map {tm}", path=source, key="train.model.type_map")

@@ -51,6 +51,15 @@ CONFIG_CASES = [
     ("type_map", ["Cu", "Cu"], "type_map"),
     ("train.training.training_data", {"systems": ["a.nc"]}, "train.training.training_data.systems"),
     ("threads.train", 0, "threads.train"),
+    # accepted before, then ignored or silently wrong
+    ("explore.stages[0].press", [1.0], "explore.stages[0].press"),  # nvt: a pressure recorded, never applied
+    ("explore.stages[0].trj_freq", 1000, "explore.stages[0].trj_freq"),  # > nsteps: only the start frame
+    ("select.adapt_perc_candi", 0.1, "select.adapt_perc_candi"),  # without adapt_numb_candi: ignored
+    ("train.warm_start_steps", 10, "train.warm_start_steps"),  # without warm_start: ignored
+    ("label.oracle.kwargs", {"asap_cutof": True}, "label.oracle.kwargs"),  # an EMT typo kept the default
+    # found only when the init job ran
+    ("init.data", ["nowhere.nc"], "init.data[0]"),
+    ("init.structures", [{"name": "cu", "file": "nowhere.xyz"}], "init.structures[0].file"),
 ]
 
 

@@ -231,6 +231,10 @@ def _builtin(name: str, kwargs: dict, source: str) -> Oracle:
     if name == "emt":
         from ase.calculators.emt import EMT
 
+        unknown = sorted(set(kwargs) - set(EMT.default_parameters))
+        if unknown:  # EMT ignores unknown parameters: a typo would silently keep the default
+            raise ConfigError(f"unknown EMT parameters {unknown}; known: {sorted(EMT.default_parameters)}", path=source, key="oracle.kwargs")
+
         return Oracle(name, kwargs, EMT, accepts_directory=False, spec=spec, source=source)
     if name == "xtb":
         try:
