@@ -254,8 +254,10 @@ def make_init(spec: InitSpec, oracle_spec: dict, type_map: Sequence[str], out: s
             images += oracle_md(scaled, oracle, spec.md, rng, workdir / s.name / f"md{k}", max_force, f"init:{s.name}:md{f:g}", failures)
         images_by_name[s.name] = images
     systems = _to_systems(images_by_name, type_map, oracle.name, "init")
-    for path in spec.data:
+    for k, path in enumerate(spec.data):
         p = Path(path) if os.path.isabs(path) else base / path
+        if not p.exists():
+            raise ConfigError("no such file or directory", path=p, key=f"init.data[{k}]")
         for ds in read_systems(p, type_map=type_map, require_labels=True):
             systems.append(remap_types(ds, type_map).assign_attrs(system=f"{Path(path).name}:{formula(ds)}"))
     if not systems:

@@ -101,8 +101,11 @@ def cross_check(config: dict, source: str | None = None) -> None:
             raise ConfigError(f"{p}: no such file or directory (relative paths are taken from the run directory {Path.cwd()})", path=source, key=f"init.data[{k}]")
     oracle = config["label"]["oracle"]
     try:
-        make_oracle(oracle, source=source or "config")
+        built = make_oracle(oracle, source=source or "config")
         check_elements(oracle, tm, source=source or "config")
+        lattices = [s["name"] for s in config["init"]["structures"] if s.get("lattice") is not None]
+        if getattr(built, "molecular_only", False) and lattices:
+            raise ConfigError(f"oracle {oracle['name']!r} is molecular (no periodic cells), but init structures {lattices} are periodic lattices", key="oracle.name")
     except ConfigError as exc:
         raise ConfigError(exc.message, path=source, key="label.oracle.name" if exc.key in (None, "oracle.name") else f"label.{exc.key}" if exc.key.startswith("oracle.") else exc.key) from None
     for k, st in enumerate(config["explore"]["stages"]):

@@ -59,6 +59,7 @@ CONFIG_CASES = [
     ("label.oracle.kwargs", {"asap_cutof": True}, "label.oracle.kwargs"),  # an EMT typo kept the default
     # found only when the init job ran
     ("init.data", ["nowhere.nc"], "init.data[0]"),
+    ("label.oracle", {"name": "pyscf"}, "label.oracle.name"),  # a molecular code for a periodic lattice
     ("init.structures", [{"name": "cu", "file": "nowhere.xyz"}], "init.structures[0].file"),
 ]
 
