@@ -139,7 +139,7 @@ class EnsembleCalculator(_ExactStateCheck, Calculator):
             raise DpeltError(f"drive must be 'first' or 'mean', got {drive!r}", key="drive")
         loaded = [load_model(m).requires_grad_(False) if isinstance(m, (str, os.PathLike)) else m.eval() for m in models]
         self.ensemble = Ensemble(loaded, [os.fspath(m) if isinstance(m, (str, os.PathLike)) else None for m in models])
-        self.model_path = os.fspath(models[0]) if isinstance(models[0], (str, os.PathLike)) else None
+        self.model_path = os.fspath(models[0]) if models and isinstance(models[0], (str, os.PathLike)) else None
         self.type_map = self.ensemble.type_map
         self.drive = drive
         self.bias = bias if bias is not None and bias.active else None

@@ -32,7 +32,7 @@ from .data.io import read_systems
 from .data.netcdf import write_frames
 from .errors import ConfigError, DataError, DpeltError
 from .fileio import write_json_atomic
-from .label.oracles import Oracle, make_oracle
+from .label.oracles import Oracle, label_results, make_oracle
 from .label.validate import check_label, scf_converged
 from .seeds import derive_seed
 from .units import fs_to_ase_time
@@ -203,8 +203,7 @@ def oracle_md(
                 break
             if step <= md.equilibration or (step - md.equilibration) % md.trj_freq:
                 continue
-            res = {"energy": a.get_potential_energy(), "forces": a.get_forces(), "stress": a.get_stress() if a.pbc.all() else None, "converged": converged}
-            lab, reason = _labelled(a, res, max_force)
+            lab, reason = _labelled(a, label_results(a.calc, a), max_force)  # what single points record, the same way
             if lab is None:
                 break
             lab.info.update({"md_step": step, "temperature_K": float(md.temperature_K), "source_task": tag})
@@ -235,6 +234,13 @@ def make_init(spec: InitSpec, oracle_spec: dict, type_map: Sequence[str], out: s
     oracle = make_oracle(oracle_spec)
     images_by_name: dict[str, list[ase.Atoms]] = {}
     failures: list[str] = []
+    imported = []  # read first: a bad file is found before any oracle work
+    for k, path in enumerate(spec.data):
+        p = Path(path) if os.path.isabs(path) else base / path
+        if not p.exists():
+            raise ConfigError("no such file or directory", path=p, key=f"init.data[{k}]")
+        for ds in read_systems(p, type_map=type_map, require_labels=True):
+            imported.append(remap_types(ds, type_map).assign_attrs(system=f"{Path(path).name}:{formula(ds)}"))
     for s in spec.structures:
         rng = np.random.default_rng(derive_seed(seed, "init", s.name))
         atoms = build_structure(s, rng, base)
@@ -254,12 +260,7 @@ def make_init(spec: InitSpec, oracle_spec: dict, type_map: Sequence[str], out: s
             images += oracle_md(scaled, oracle, spec.md, rng, workdir / s.name / f"md{k}", max_force, f"init:{s.name}:md{f:g}", failures)
         images_by_name[s.name] = images
     systems = _to_systems(images_by_name, type_map, oracle.name, "init")
-    for k, path in enumerate(spec.data):
-        p = Path(path) if os.path.isabs(path) else base / path
-        if not p.exists():
-            raise ConfigError("no such file or directory", path=p, key=f"init.data[{k}]")
-        for ds in read_systems(p, type_map=type_map, require_labels=True):
-            systems.append(remap_types(ds, type_map).assign_attrs(system=f"{Path(path).name}:{formula(ds)}"))
+    systems += imported
     if not systems:
         raise DataError("no labelled initial frame was produced", path=out)
     write_frames(out, systems)
@@ -282,7 +283,10 @@ def make_holdout(spec: InitSpec, systems: Sequence[str], temperatures: Sequence[
         atoms = build_structure(by_name[name], rng, base)
         for T in sorted(set(float(t) for t in temperatures)):
             run = OracleMDSpec(temperature_K=T, nsteps=frames * md.trj_freq, trj_freq=md.trj_freq, dt_fs=md.dt_fs, equilibration=md.equilibration)
-            images_by_name.setdefault(name, []).extend(oracle_md(atoms, oracle, run, rng, workdir / name / f"T{T:g}", max_force, f"holdout:{name}:T{T:g}", failures))
+            kept = oracle_md(atoms, oracle, run, rng, workdir / name / f"T{T:g}", max_force, f"holdout:{name}:T{T:g}", failures)
+            if not kept:  # an empty held-out set would make every later evaluation meaningless
+                raise DataError(f"oracle MD for the held-out frames of {name!r} at {T:g} K kept no frame: {failures[-1] if failures else 'no frame reached'}", path=out, key="label.oracle")
+            images_by_name.setdefault(name, []).extend(kept)
     systems_out = _to_systems(images_by_name, type_map, oracle.name, "holdout")
     write_frames(out, systems_out)
     summary = {"systems": [{"system": ds.attrs["system"], "frames": int(ds.sizes["frame"])} for ds in systems_out], "temperatures_K": sorted(set(float(t) for t in temperatures)), "failures": failures}

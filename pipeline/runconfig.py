@@ -72,8 +72,11 @@ def train_input(config: dict) -> dict:
     return {"model": model, "learning_rate": t.get("learning_rate", {}), "loss": t.get("loss", {}), "training": t.get("training", {})}
 
 
-def cross_check(config: dict, source: str | None = None) -> None:
-    """Checks across keys, after schema validation (which filled the defaults)."""
+def cross_check(config: dict, source: str | None = None, check_paths: bool = True) -> None:
+    """Checks across keys, after schema validation (which filled the defaults).
+
+    ``check_paths``: also require the files of ``init.data`` and ``init.structures`` (the
+    workflow skips this once the initial data exist: only the init job reads them)."""
     from .label.oracles import check_elements, make_oracle
     from .train.config import parse_train_config
 
@@ -91,12 +94,12 @@ def cross_check(config: dict, source: str | None = None) -> None:
     for k, s in enumerate(config["init"]["structures"]):
         if (s.get("file") is None) == (s.get("lattice") is None):
             raise ConfigError("give either lattice (with elements) or file", path=source, key=f"init.structures[{k}]")
-        if s.get("file") is not None and not Path(s["file"]).exists():  # paths are relative to the run directory
+        if check_paths and s.get("file") is not None and not Path(s["file"]).exists():  # paths are relative to the run directory
             raise ConfigError(f"{s['file']}: no such file (relative paths are taken from the run directory {Path.cwd()})", path=source, key=f"init.structures[{k}].file")
         for el in s.get("elements", []):
             if el not in tm:
                 raise ConfigError(f"element {el!r} is not in type_map {tm}", path=source, key=f"init.structures[{k}].elements")
-    for k, p in enumerate(config["init"]["data"]):
+    for k, p in enumerate(config["init"]["data"] if check_paths else []):
         if not Path(p).exists():
             raise ConfigError(f"{p}: no such file or directory (relative paths are taken from the run directory {Path.cwd()})", path=source, key=f"init.data[{k}]")
     oracle = config["label"]["oracle"]
@@ -132,6 +135,8 @@ def cross_check(config: dict, source: str | None = None) -> None:
     inp = train_input(config)
     if list(inp["model"]["type_map"]) != tm:
         raise ConfigError(f"train.model.type_map {inp['model']['type_map']} differs from type_map {tm}", path=source, key="train.model.type_map")
+    if isinstance(inp["training"].get("training_data", {}).get("batch_size"), list):
+        raise ConfigError("a list (one value per system) cannot follow the loop's data, whose systems grow every iteration; use an integer or 'auto:N'", path=source, key="train.training.training_data.batch_size")
     if "systems" in inp["training"].get("training_data", {}):
         raise ConfigError("filled in by the loop (initial data + every iteration's labels); remove it", path=source, key="train.training.training_data.systems")
     if "validation_data" in inp["training"]:

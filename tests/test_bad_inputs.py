@@ -60,6 +60,7 @@ CONFIG_CASES = [
     # found only when the init job ran
     ("init.data", ["nowhere.nc"], "init.data[0]"),
     ("label.oracle", {"name": "pyscf"}, "label.oracle.name"),  # a molecular code for a periodic lattice
+    ("train.training", {"training_data": {"batch_size": [1, 2]}}, "train.training.training_data.batch_size"),
     ("init.structures", [{"name": "cu", "file": "nowhere.xyz"}], "init.structures[0].file"),
 ]
 
@@ -308,6 +309,8 @@ def test_ensemble_mismatch_names_the_model_file(tmp_path):
     pa, pb = save_model(a, a.config, tmp_path / "m0.pt"), save_model(b, b.config, tmp_path / "m1.pt")
     with pytest.raises(DpeltError, match=r"m1\.pt \[sel\]: ensemble member 1 .* member 0 \(.*m0\.pt\)"):
         EnsembleCalculator([pa, pb], threads=1)
+    with pytest.raises(DpeltError, match="at least one model"):
+        EnsembleCalculator([], threads=1)
 
 
 def test_explore_spec_with_an_unknown_bias_key(tmp_path, capsys):
@@ -323,3 +326,14 @@ def test_explore_spec_with_an_unknown_bias_key(tmp_path, capsys):
     assert main(["explore", "-m", str(path), str(path), "--start", str(tmp_path / "none.nc"), "--spec", spec, "-o", str(tmp_path / "e"), "--seed", "1"]) == 2
     err = capsys.readouterr().err
     assert "[explore.bias.foo]: unknown key" in err and "Traceback" not in err, err
+
+
+def test_init_paths_checked_only_until_the_initial_data_exist(tmp_path, monkeypatch):
+    """A moved init.data directory must not block resuming a run whose initial data exist."""
+    from pipeline.runconfig import cross_check, validate_schema
+
+    cfg = validate_schema(_set(BASE, "init.data", ["moved.nc"]), source="run.yaml")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DpeltError, match=r"init\.data\[0\]"):
+        cross_check(cfg, "run.yaml")
+    cross_check(cfg, "run.yaml", check_paths=False)

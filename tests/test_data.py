@@ -194,3 +194,18 @@ def test_extxyz_with_labels_on_some_frames_only_is_refused(tmp_path):
     write(tmp_path / "mixed.xyz", [labelled, bare])
     with pytest.raises(DataError, match=r"mixed\.xyz \[force\]: structure 0 carries force but structure 1"):
         read_systems(tmp_path / "mixed.xyz")
+
+
+def test_extxyz_with_stress_on_some_frames_only_drops_the_virial_with_a_warning(tmp_path):
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    a = Atoms("Cu2", positions=[[0, 0, 0], [1.3, 1.3, 0]], cell=[4, 4, 4], pbc=True)
+    a.calc = SinglePointCalculator(a, energy=-1.0, forces=np.ones((2, 3)), stress=np.zeros(6))
+    b = a.copy()
+    b.calc = SinglePointCalculator(b, energy=-2.0, forces=np.ones((2, 3)))
+    write(tmp_path / "s.xyz", [a, b])
+    with pytest.warns(UserWarning, match="carry no stress"):
+        (ds,) = read_systems(tmp_path / "s.xyz")
+    assert "virial" not in ds and "force" in ds and ds.sizes["frame"] == 2

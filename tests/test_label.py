@@ -57,6 +57,8 @@ class BrokenEMT(EMT):
             raise RuntimeError("boom: the oracle crashed")
         if bad and self.mode == "exit":  # some codes call sys.exit on a fatal SCF error
             raise SystemExit("scf gave up")
+        if bad and self.mode == "interrupt":
+            raise KeyboardInterrupt
         super().calculate(atoms, properties, system_changes)
         if not bad:
             return
@@ -329,6 +331,18 @@ def test_a_frame_that_kills_the_labeler_is_recorded_as_failed(tmp_path):
     assert fail["frame_id"] == ids[2] and "died 2 times" in fail["reason"]
     assert not any((out / "tasks").glob("*/started"))  # every finished task cleared its marker
 
+    # a configuration error or Ctrl-C inside the task is not a death: the count is restored
+    from pipeline.data.ase_io import frames_to_atoms
+    from pipeline.label.run import run_task
+
+    task = tmp_path / "t"
+    task.mkdir()
+    (task / "started").write_text("1\n")
+    oracle = make_oracle({"name": dotted(BrokenEMT), "kwargs": {"mode": "interrupt", "on": [0]}})
+    with pytest.raises(KeyboardInterrupt):
+        run_task(oracle, frames_to_atoms(ds.isel(frame=[0]))[0], task, ids[0], 50.0)
+    assert (task / "started").read_text().strip() == "1"
+
 
 # ---------------------------------------------------------------- configuration errors
 
@@ -494,3 +508,32 @@ def test_oracle_md_of_init_and_holdout_keeps_only_good_labels(tmp_path, oracle, 
     assert reason in failure and "holdout:cu:T300" in failure, failure
     # the frames labelled before the failure are kept, none after it
     assert summary["systems"][0]["frames"] == 2
+
+
+def test_init_of_a_slab_mixes_single_points_and_oracle_md(tmp_path, monkeypatch):
+    """Single points and oracle MD label a partly periodic structure the same way (stress for
+    any periodic direction), so their frames form one system (was: a partial-virial error after
+    all the oracle work)."""
+    from ase.build import fcc111
+    from ase.io import write
+
+    from pipeline.init_data import make_init, parse_init_spec
+
+    monkeypatch.chdir(tmp_path)
+    slab = fcc111("Cu", size=(2, 2, 3), vacuum=5.0)
+    assert list(slab.pbc) == [True, True, False]
+    write("slab.xyz", slab)
+    spec = parse_init_spec({"structures": [{"name": "slab", "file": "slab.xyz"}], "perturb": {"count": 1}, "md": {"nsteps": 10, "trj_freq": 5}})
+    summary = make_init(spec, {"name": "emt"}, ["Cu"], tmp_path / "init.nc", 1, tmp_path / "work")
+    assert summary["failures"] == [] and summary["systems"][0]["frames"] == 4  # 2 single points + 2 MD frames
+    (ds,) = read_frames(tmp_path / "init.nc")
+    assert "virial" in ds and np.isfinite(ds["virial"].values).all()  # every frame carries it, none dropped
+
+
+def test_holdout_that_keeps_no_frame_is_an_error(tmp_path):
+    from pipeline.init_data import OracleMDSpec, make_holdout, parse_init_spec
+
+    spec = parse_init_spec({"structures": [{"name": "cu", "lattice": "fcc", "elements": ["Cu"], "a": 3.61, "repeat": [2, 2, 2]}]})
+    with pytest.raises(DataError, match=r"h\.nc \[label\.oracle\]: oracle MD for the held-out frames of 'cu' at 300 K kept no frame: .*segfault"):
+        make_holdout(spec, ["cu"], [300.0], 3, OracleMDSpec(trj_freq=5), {"name": "bad_oracles.CrashingEMT", "kwargs": {"fail_after": 1}}, ["Cu"], tmp_path / "h.nc", 1, tmp_path / "w")
+    assert not (tmp_path / "h.nc").exists()

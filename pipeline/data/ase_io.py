@@ -7,6 +7,7 @@ stress (eV/Å³, converted to the virial Ξ = -σ·V in eV).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -67,7 +68,11 @@ def atoms_to_frames(images: Sequence[ase.Atoms], type_map: Sequence[str] | None 
                 raise DataError(f"element {s} is not in type_map {type_map}", path=source, key="type_map")
         atype = [type_map.index(s) for s in symbols]
         labels = [_labels(images[k]) for k in idx]
-        for slot, name in enumerate(("energy", "force", "virial")):
+        have_virial = [l[2] is not None for l in labels]
+        if any(have_virial) and not all(have_virial):  # stress is optional: mixed bulk data is common
+            warnings.warn(f"{source}: {have_virial.count(False)} of {len(labels)} structures of one composition carry no stress; the virial of this system is left out", stacklevel=2)
+            labels = [(e, f, None) for e, f, _ in labels]
+        for slot, name in enumerate(("energy", "force")):
             have = [l[slot] is not None for l in labels]
             if any(have) and not all(have):  # dropping the label of the frames that have it would lose data
                 missing = [idx[n] for n, h in enumerate(have) if not h]

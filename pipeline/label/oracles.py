@@ -73,6 +73,25 @@ def omp_threads(n: int | None) -> Iterator[None]:
         set_num(previous)
 
 
+def label_results(calc: Any, atoms: ase.Atoms) -> dict:
+    """A labelled structure's results from ``calc``: ``{"energy": eV, "forces": [[eV/Å]],
+    "stress": [eV/Å³] | None, "converged": bool | None}``, the calculator's own raw values (no
+    constraints, no reshaping) for :func:`check_label`. The force-consistent (free) energy when
+    the calculator has one; stress for any periodic direction, None when not implemented."""
+    energy = calc.get_potential_energy(atoms)
+    results = getattr(calc, "results", None)
+    if isinstance(results, Mapping) and results.get("free_energy") is not None:
+        energy = results["free_energy"]  # force-consistent (never triggers a new calculation)
+    forces = calc.get_forces(atoms)
+    stress = None
+    if atoms.pbc.any():
+        try:
+            stress = calc.get_stress(atoms)
+        except (PropertyNotImplementedError, NotImplementedError):
+            stress = None
+    return {"energy": _to_float(energy), "forces": forces, "stress": stress, "converged": scf_converged(calc)}
+
+
 @dataclass(frozen=True)
 class Oracle:
     """A named recipe for calculators: ``factory(**kwargs)`` gives a fresh one per task.
@@ -125,25 +144,7 @@ class Oracle:
 
     def _compute(self, calc: Any, atoms: ase.Atoms) -> dict:
         try:
-            periodic = bool(atoms.pbc.any())
-            # the calculator's own getters: raw values (no constraints, no reshaping) for check_label
-            energy = calc.get_potential_energy(atoms)
-            results = getattr(calc, "results", None)
-            if isinstance(results, Mapping) and results.get("free_energy") is not None:
-                energy = results["free_energy"]  # force-consistent (never triggers a new calculation)
-            forces = calc.get_forces(atoms)
-            stress = None
-            if periodic:
-                try:
-                    stress = calc.get_stress(atoms)
-                except (PropertyNotImplementedError, NotImplementedError):
-                    stress = None
-            return {
-                "energy": _to_float(energy),
-                "forces": forces,
-                "stress": stress,
-                "converged": scf_converged(calc),
-            }
+            return label_results(calc, atoms)
         finally:
             close = getattr(calc, "close", None)
             if callable(close):

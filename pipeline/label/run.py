@@ -166,7 +166,11 @@ def run_task(oracle: Oracle, atoms, task_dir: Path, frame_id: str, max_force: fl
         write_text_atomic(marker, f"{deaths + 1}\n")
         try:
             r = oracle.compute(atoms, task_dir)
-        except ConfigError:
+        except (ConfigError, KeyboardInterrupt):  # not a death of the process in this task: undo the count
+            if deaths:
+                write_text_atomic(marker, f"{deaths}\n")
+            else:
+                marker.unlink(missing_ok=True)
             raise
         except (Exception, SystemExit) as exc:
             message = " ".join(str(exc).split())
