@@ -23,6 +23,7 @@ import numpy as np
 import xarray as xr
 from ase.build import bulk
 from ase.md.langevin import Langevin
+from ase.neighborlist import neighbor_list
 from ase.md.velocitydistribution import Stationary, thermalize_momenta
 
 from .config import parse_dataclass
@@ -38,6 +39,7 @@ from .seeds import derive_seed
 from .units import fs_to_ase_time
 
 LATTICES = ("fcc", "bcc", "hcp", "diamond", "sc")
+MIN_DISTANCE = 0.5  # Å: closer atoms in a (scaled) init structure are refused, as explore.guards.min_distance does in MD
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,17 @@ def make_init(spec: InitSpec, oracle_spec: dict, type_map: Sequence[str], out: s
             raise ConfigError("no such file or directory", path=p, key=f"init.data[{k}]")
         for ds in read_systems(p, type_map=type_map, require_labels=True):
             imported.append(remap_types(ds, type_map).assign_attrs(system=f"{Path(path).name}:{formula(ds)}"))
+    for s in spec.structures:  # squeezed structures are refused before any oracle work (own generator: the labelled stream is unchanged)
+        probe = build_structure(s, np.random.default_rng(derive_seed(seed, "init", s.name)), base)
+        for k, f in enumerate(spec.scale):
+            scaled = probe.copy()
+            scaled.set_cell(probe.cell.array * f, scale_atoms=True)
+            close = neighbor_list("d", scaled, MIN_DISTANCE) if len(scaled) > 1 else []
+            if len(close):
+                raise ConfigError(
+                    f"scale {f:g} puts atoms of {s.name!r} {float(np.min(close)):.3f} Å apart (< {MIN_DISTANCE} Å): no oracle label of that is worth training on",
+                    key=f"init.scale[{k}]",
+                )
     for s in spec.structures:
         rng = np.random.default_rng(derive_seed(seed, "init", s.name))
         atoms = build_structure(s, rng, base)

@@ -537,3 +537,13 @@ def test_holdout_that_keeps_no_frame_is_an_error(tmp_path):
     with pytest.raises(DataError, match=r"h\.nc \[label\.oracle\]: oracle MD for the held-out frames of 'cu' at 300 K kept no frame: .*segfault"):
         make_holdout(spec, ["cu"], [300.0], 3, OracleMDSpec(trj_freq=5), {"name": "bad_oracles.CrashingEMT", "kwargs": {"fail_after": 1}}, ["Cu"], tmp_path / "h.nc", 1, tmp_path / "w")
     assert not (tmp_path / "h.nc").exists()
+
+
+def test_init_scale_that_squeezes_atoms_is_refused_before_labelling(tmp_path):
+    from pipeline.init_data import make_init, parse_init_spec
+
+    spec = parse_init_spec({"structures": [{"name": "cu", "lattice": "fcc", "elements": ["Cu"], "a": 3.61}], "scale": [1.0, 0.1]})
+    CountingEMT.calls = 0
+    with pytest.raises(ConfigError, match=r"\[init\.scale\[1\]\]: scale 0\.1 puts atoms of 'cu' 0\.255 Å apart"):
+        make_init(spec, {"name": dotted(CountingEMT)}, ["Cu"], tmp_path / "init.nc", 1, tmp_path / "work")
+    assert CountingEMT.calls == 0 and not (tmp_path / "init.nc").exists()
