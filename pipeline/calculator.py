@@ -31,6 +31,11 @@ def atom_types(symbols: Sequence[str], type_map: Sequence[str], model: str | Non
     return np.array([lookup[s] for s in symbols], dtype=np.int64)
 
 
+def _path_of(model) -> str | None:
+    """The file of a model given as a path (named in errors); None for a loaded model."""
+    return os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+
+
 class _ExactStateCheck:
     """``check_state`` comparing positions, numbers, cell and pbc exactly with ``np.array_equal``.
 
@@ -77,7 +82,7 @@ class DeepPotCalculator(_ExactStateCheck, Calculator):
         # a model loaded here is ours: freezing its weights lets inference reuse work that does
         # not depend on positions (see DescriptorSeA._pad_suffix_sums_cached)
         self.model = load_model(model).requires_grad_(False) if isinstance(model, (str, os.PathLike)) else model.eval()
-        self.model_path = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
+        self.model_path = _path_of(model)
         self.type_map = list(self.model.type_map)
         self.on_overflow = on_overflow
         self.overflow_frames = 0
@@ -138,8 +143,8 @@ class EnsembleCalculator(_ExactStateCheck, Calculator):
         if drive not in ("first", "mean"):
             raise DpeltError(f"drive must be 'first' or 'mean', got {drive!r}", key="drive")
         loaded = [load_model(m).requires_grad_(False) if isinstance(m, (str, os.PathLike)) else m.eval() for m in models]
-        self.ensemble = Ensemble(loaded, [os.fspath(m) if isinstance(m, (str, os.PathLike)) else None for m in models])
-        self.model_path = os.fspath(models[0]) if models and isinstance(models[0], (str, os.PathLike)) else None
+        self.ensemble = Ensemble(loaded, [_path_of(m) for m in models])
+        self.model_path = _path_of(models[0]) if models else None
         self.type_map = self.ensemble.type_map
         self.drive = drive
         self.bias = bias if bias is not None and bias.active else None

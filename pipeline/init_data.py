@@ -134,6 +134,13 @@ def build_structure(spec: StructureSpec, rng: np.random.Generator, base: Path = 
     return atoms
 
 
+def scaled_copy(atoms: ase.Atoms, factor: float) -> ase.Atoms:
+    """A copy with cell and positions scaled by ``factor`` (lengths)."""
+    scaled = atoms.copy()
+    scaled.set_cell(atoms.cell.array * factor, scale_atoms=True)
+    return scaled
+
+
 def perturbed(atoms: ase.Atoms, spec: PerturbSpec, rng: np.random.Generator) -> list[ase.Atoms]:
     """``count`` copies with a random symmetric cell strain (±cell_strain) and displacements (±atom_displacement Å)."""
     out = []
@@ -246,8 +253,7 @@ def make_init(spec: InitSpec, oracle_spec: dict, type_map: Sequence[str], out: s
     for s in spec.structures:  # squeezed structures are refused before any oracle work (own generator: the labelled stream is unchanged)
         probe = build_structure(s, np.random.default_rng(derive_seed(seed, "init", s.name)), base)
         for k, f in enumerate(spec.scale):
-            scaled = probe.copy()
-            scaled.set_cell(probe.cell.array * f, scale_atoms=True)
+            scaled = scaled_copy(probe, f)
             close = neighbor_list("d", scaled, MIN_DISTANCE) if len(scaled) > 1 else []
             if len(close):
                 raise ConfigError(
@@ -263,8 +269,7 @@ def make_init(spec: InitSpec, oracle_spec: dict, type_map: Sequence[str], out: s
             raise ConfigError(f"structure {s.name!r} has elements {missing} not in type_map {list(type_map)}", key="type_map")
         images: list[ase.Atoms] = []
         for k, f in enumerate(spec.scale):
-            scaled = atoms.copy()
-            scaled.set_cell(atoms.cell.array * f, scale_atoms=True)
+            scaled = scaled_copy(atoms, f)
             scaled.info["source_task"] = f"init:{s.name}:scale{f:g}"
             todo = [scaled] + perturbed(scaled, spec.perturb, rng)
             labelled, failed = single_points(todo, oracle, workdir / s.name / f"scale{k}", max_force)

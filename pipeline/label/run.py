@@ -124,6 +124,14 @@ def _keep_other_oracle_result(path: Path, spec: Any) -> None:
         os.replace(path, path.with_name(f"result.{_spec_tag(old['oracle'])}.json"))
 
 
+def _set_deaths(marker: Path, n: int) -> None:
+    """Record ``n`` unfinished attempts of a task in its ``started`` marker (none: no marker)."""
+    if n:
+        write_text_atomic(marker, f"{n}\n")
+    else:
+        marker.unlink(missing_ok=True)
+
+
 # process deaths (native crash, kill) during one task before it is recorded as failed: one
 # death may be a node failure worth retrying; a second is most likely the frame itself
 MAX_DEATHS = 2
@@ -143,10 +151,11 @@ def run_task(oracle: Oracle, atoms, task_dir: Path, frame_id: str, max_force: fl
     path = task_dir / RESULT
     cached = _read_result(path, spec)
     if cached is None:
-        cached = _read_result(task_dir / f"result.{_spec_tag(spec)}.json", spec)
+        aside = task_dir / f"result.{_spec_tag(spec)}.json"
+        cached = _read_result(aside, spec)
         if cached is not None:  # the oracle was switched back: its result becomes current again
             _keep_other_oracle_result(path, spec)
-            os.replace(task_dir / f"result.{_spec_tag(spec)}.json", path)
+            os.replace(aside, path)
     if cached is not None and not (retry_failed and cached["status"] == "failed"):
         return cached, True
     task_dir.mkdir(parents=True, exist_ok=True)
@@ -163,14 +172,11 @@ def run_task(oracle: Oracle, atoms, task_dir: Path, frame_id: str, max_force: fl
     if deaths >= MAX_DEATHS and not retry_failed:
         reason = f"the labeler process died {deaths} times during this task (a crash in native code, or killed) without a result"
     else:
-        write_text_atomic(marker, f"{deaths + 1}\n")
+        _set_deaths(marker, deaths + 1)
         try:
             r = oracle.compute(atoms, task_dir)
         except (ConfigError, KeyboardInterrupt):  # not a death of the process in this task: undo the count
-            if deaths:
-                write_text_atomic(marker, f"{deaths}\n")
-            else:
-                marker.unlink(missing_ok=True)
+            _set_deaths(marker, deaths)
             raise
         except (Exception, SystemExit) as exc:
             message = " ".join(str(exc).split())
@@ -191,7 +197,7 @@ def run_task(oracle: Oracle, atoms, task_dir: Path, frame_id: str, max_force: fl
             "converged": r.get("converged"),
         }
     write_json_atomic(path, record)
-    marker.unlink(missing_ok=True)
+    _set_deaths(marker, 0)
     return record, False
 
 
