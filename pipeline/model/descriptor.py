@@ -437,8 +437,11 @@ class DescriptorSeA(nn.Module):
                     gs: List[torch.Tensor] = []
                     if rep is not None:
                         x_u, take = self._shared_rows(s_secs[tj], rep, order, groups)
-                        g_u = net(x_u) if x_u.shape[0] > 0 else x_u.expand(0, self.m1)  # [R_u, M1]
-                        gs = gather_rows(g_u, take)  # [n_g * w_g, M1] per group
+                        if torch.jit.is_scripting() or x_u.shape[0] == 0:
+                            g_u = net(x_u) if x_u.shape[0] > 0 else x_u.expand(0, self.m1)  # [R_u, M1]
+                            gs = gather_rows(g_u, take)  # [n_g * w_g, M1] per group
+                        else:
+                            gs = net.rows_of(x_u, take)  # fused at inference: no [R_u, M1] gradient buffer
                     else:
                         for x in self._group_inputs(s_secs[tj], order, groups):  # one net call per group: no split of one big output (its backward copies it)
                             gs.append(net(x) if x.shape[0] > 0 else x)  # [n_g * w_g, M1]

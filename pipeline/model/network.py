@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
+from . import embedding_kernel
+
 
 class _Tanh(torch.autograd.Function):
     """tanh(x) = 1 − 2/(exp(2x) + 1), computed in place on one buffer.
@@ -237,6 +239,31 @@ class MLP(nn.Module):
         self.dim_out = n_out or width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., n_in] -> [..., dim_out]; an embedding net at inference runs fused (:mod:`.embedding_kernel`)."""
+        if not torch.jit.is_scripting() and x.shape[-1] == 1:
+            if self._fusable(x):
+                return self._fused(x)
+        return self.forward_layers(x)
+
+    def forward_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """Layer after layer, as autograd and TorchScript see it."""
         for layer in self.layers:
             x = layer(x)
         return x
+
+    @torch.jit.unused
+    def _fusable(self, x: torch.Tensor) -> bool:
+        return embedding_kernel.applicable(self, x)
+
+    @torch.jit.unused
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        return embedding_kernel.fused_embedding(self, x)
+
+    @torch.jit.unused
+    def rows_of(self, x: torch.Tensor, rows: List[torch.Tensor]) -> List[torch.Tensor]:
+        """[self(x)[r] for r in rows], x [R, 1]: fused when possible, one accumulating backward otherwise."""
+        if self._fusable(x):
+            return embedding_kernel.fused_embedding_rows(self, x, rows)
+        from .descriptor import gather_rows
+
+        return gather_rows(self(x), rows)

@@ -1,0 +1,240 @@
+"""Fused inference of embedding nets: G(s) and dG/ds in one C++ pass (``embedding_kernel.cpp``).
+
+Inference (energy and forces with frozen weights) spends about a third of its time in the
+embedding nets, most of it in element-wise passes over [rows, M1] arrays that leave the
+cache. The net's input is a scalar per row, so forces need only the [rows, M1] derivative
+dG/ds; the kernel carries it forward beside G (one GEMM per layer for both) in row blocks
+that stay in the L2 cache, one block per thread. The backward is then a row-wise dot
+product, ``(dE/dG · dG/ds).sum(-1)``.
+
+The kernel is compiled with ``torch.utils.cpp_extension`` on first use (~20 s, once per
+machine and source version, cached in :func:`build_directory`). Without a C++ compiler it is
+skipped with one warning and the nets run layer by layer (the same values to rounding,
+slower). ``DPELT_FUSED_KERNEL=0`` turns it off. Training (weights receiving gradients) and TorchScript never use it; a second derivative
+through a fused net (``create_graph``) is recomputed layer by layer, so it stays exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+SOURCE = Path(__file__).with_name("embedding_kernel.cpp")
+BLOCK_ROWS = 256  # rows per block: [2 * 256, 100] float64 = 400 kB, inside a 1 MiB L2 cache
+
+_lock = threading.Lock()
+_state: dict = {"tried": False, "op": None, "error": None}
+
+
+def enabled_by_environment() -> bool:
+    """False when ``DPELT_FUSED_KERNEL`` is 0/false/no/off."""
+    return os.environ.get("DPELT_FUSED_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def load_kernel() -> Optional[Callable]:
+    """The compiled ``torch.ops.dpelt.embedding_net``, building it on first call; None when
+    disabled or when it cannot be built (one warning says why)."""
+    if not enabled_by_environment():
+        return None
+    if _state["tried"]:
+        return _state["op"]
+    with _lock:
+        if not _state["tried"]:
+            try:
+                _state["op"] = _build()
+            except Exception as exc:  # no compiler, no ninja, headers missing: fall back, say so once
+                _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                warnings.warn(
+                    f"dpelt: the fused embedding kernel could not be built ({_state['error']}); inference runs "
+                    "layer by layer (energy and forces ~15 % slower). Install a C++ compiler (g++) to enable it, or set "
+                    "DPELT_FUSED_KERNEL=0 to silence this.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            _state["tried"] = True
+    return _state["op"]
+
+
+def kernel_error() -> Optional[str]:
+    """Why the kernel could not be built (None when it was built or not tried)."""
+    return _state["error"]
+
+
+def build_directory() -> Path:
+    """Where the kernel is built: one directory per source, torch version, Python and CPU
+    capability, under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode() + _capability().encode()).hexdigest()[:12]
+    return Path(root) / f"dpelt_embedding_{_capability()}_{key}"
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """PATH with the ``ninja`` of the Python package ``ninja`` (a dependency), which a venv
+    not activated (``.venv/bin/python …``) does not have on PATH; restored afterwards."""
+    old = os.environ.get("PATH", "")
+    try:
+        import ninja
+
+        if shutil.which("ninja") is None:
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + old
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def _build() -> Callable:
+    if hasattr(torch.ops, "dpelt") and hasattr(torch.ops.dpelt, "embedding_net"):
+        return torch.ops.dpelt.embedding_net
+    from torch.utils.cpp_extension import load
+
+    where = build_directory()
+    where.mkdir(parents=True, exist_ok=True)
+    # One build at a time (Snakemake starts jobs in parallel). An flock is released when its
+    # process dies; torch's own lock file is not, so one left by a killed build is removed
+    # while the flock is held (no other build can be running then).
+    with open(where / "dpelt.lock", "w") as lock, _ninja_on_path():
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (where / "lock").unlink(missing_ok=True)
+        load(
+            name="dpelt_embedding_kernel",
+            sources=[str(SOURCE)],
+            # OpenMP: ATen's parallel_for is compiled into the kernel; no trapping math lets
+            # GCC vectorise tanh_exp's clamps (values are unchanged)
+            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + _vector_flags(),
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(where),
+            is_python_module=False,
+            verbose=False,
+        )
+    return torch.ops.dpelt.embedding_net
+
+
+def _capability() -> str:
+    """The vector instruction set the kernel is built for: the one torch uses on this CPU."""
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    return cap if cap in ("avx2", "avx512") else "default"
+
+
+def _vector_flags() -> List[str]:
+    """Compiler flags for :func:`_capability` (the build is cached per capability, so a node
+    without AVX2 never loads an AVX2 build)."""
+    return {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx2", "-mfma", "-mavx512f"]}.get(_capability(), [])
+
+
+def packed_layers(mlp: torch.nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], List[int]]:
+    """(weights, biases, timesteps — empty when none —, shortcuts) of an MLP's layers, detached."""
+    weights, biases, steps, shortcuts = [], [], [], []
+    for layer in mlp.layers:
+        weights.append(layer.weight.detach().contiguous())
+        biases.append(layer.bias.detach().contiguous())
+        idt = layer.idt
+        steps.append(idt.detach().contiguous() if idt is not None else layer.weight.new_empty(0))
+        shortcuts.append(int(layer.shortcut))
+    return weights, biases, steps, shortcuts
+
+
+def applicable(mlp: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`fused_embedding` can evaluate ``mlp`` on ``x``: a float64 CPU net of tanh
+    layers with one input, weights that receive no gradient, and the kernel available."""
+    layers = mlp.layers
+    if x.shape[-1] != 1 or x.dtype != torch.float64 or x.device.type != "cpu" or len(layers) == 0:
+        return False
+    for layer in layers:
+        if not layer.activation or layer.weight.dtype != torch.float64:
+            return False
+        if torch.is_grad_enabled() and layer.weight.requires_grad:
+            return False
+    return load_kernel() is not None
+
+
+class _FusedEmbedding(torch.autograd.Function):
+    """x [..., 1] -> G [..., M1] by the kernel; backward (dE/dG · dG/ds).sum(-1)."""
+
+    # Classic ``forward(ctx, ...)`` form: a separate ``setup_context`` binds arguments through
+    # ``inspect.signature`` on every call.
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mlp: torch.nn.Module):
+        op = load_kernel()
+        weights, biases, steps, shortcuts = packed_layers(mlp)
+        tangent = bool(ctx.needs_input_grad[0])
+        g, gp = op(x.reshape(-1).contiguous(), weights, biases, steps, shortcuts, tangent, BLOCK_ROWS)
+        ctx.mlp = mlp
+        ctx.save_for_backward(x, gp)
+        return g.reshape(x.shape[:-1] + (g.shape[-1],))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, gp = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: recompute layer by layer so higher derivatives are exact
+            with torch.enable_grad():
+                g = ctx.mlp.forward_layers(x)
+                (gx,) = torch.autograd.grad(g, x, grad, create_graph=True)
+            return gx, None
+        gx = torch.ops.dpelt.gathered_row_dot(grad.reshape(gp.shape), gp, _NO_ROWS)  # [R]
+        return gx.reshape(x.shape), None
+
+
+class _FusedGatheredEmbedding(torch.autograd.Function):
+    """(x [R, 1], mlp, rows_1 [N_1], rows_2 [N_2], …) -> (G[rows_1], G[rows_2], …), G = mlp(x).
+
+    The embedding of shared rows (:meth:`DescriptorSeA._shared_rows`): evaluated once per
+    distinct row, used by several slots. The backward needs no [R, M1] gradient buffer:
+    dE/dx[r] = Σ over the uses i of r of dE/dG_i · dG/ds[r], a dot product per use scattered
+    into R scalars.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mlp: torch.nn.Module, *rows: torch.Tensor):
+        op = load_kernel()
+        weights, biases, steps, shortcuts = packed_layers(mlp)
+        g, gp = op(x.reshape(-1).contiguous(), weights, biases, steps, shortcuts, bool(ctx.needs_input_grad[0]), BLOCK_ROWS)
+        ctx.mlp = mlp
+        ctx.save_for_backward(x, gp, *rows)
+        return tuple(g.index_select(0, r) for r in rows)
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        x, gp, *rows = ctx.saved_tensors
+        none = (None,) * (1 + len(rows))
+        if torch.is_grad_enabled():  # create_graph: recompute layer by layer so higher derivatives are exact
+            with torch.enable_grad():
+                g = ctx.mlp.forward_layers(x)
+                outs = [g.index_select(0, r) for r, gr in zip(rows, grads) if gr is not None]
+                used = [gr for gr in grads if gr is not None]
+                (gx,) = torch.autograd.grad(outs, x, used, create_graph=True)
+            return (gx,) + none
+        gx = torch.zeros(x.shape[0], dtype=x.dtype)  # [R]
+        for r, gr in zip(rows, grads):
+            if gr is not None and r.numel() > 0:
+                gx.index_add_(0, r, torch.ops.dpelt.gathered_row_dot(gr, gp, r))
+        return (gx.reshape(x.shape),) + none
+
+
+_NO_ROWS = torch.empty(0, dtype=torch.long)
+
+
+def fused_embedding(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """G = mlp(x) for x [..., 1] through the fused kernel (check :func:`applicable` first)."""
+    return _FusedEmbedding.apply(x, mlp)
+
+
+def fused_embedding_rows(mlp: torch.nn.Module, x: torch.Tensor, rows: List[torch.Tensor]) -> List[torch.Tensor]:
+    """[mlp(x)[r] for r in rows] for x [R, 1] through the fused kernel (check :func:`applicable`)."""
+    return list(_FusedGatheredEmbedding.apply(x, mlp, *rows))
