@@ -148,7 +148,15 @@ void run_block(const double* s, int64_t B, const std::vector<Layer>& layers, dou
     const Layer& ly = layers[l];
     const int64_t n_in = n;
     n = ly.n_out;
-    at::Tensor Z = at::mm(H, ly.weight);  // [nrows, n]: x W on top, t W below
+    // [nrows, n]: x W on top, t W below, as two GEMMs so that the values do not depend on
+    // whether tangents are computed (MKL's rounding depends on the number of rows)
+    at::Tensor Z = at::empty({nrows, n}, opts);
+    at::Tensor z_top = Z.narrow(0, 0, B);
+    at::mm_out(z_top, H.narrow(0, 0, B), ly.weight);
+    if (tangent) {
+      at::Tensor z_bottom = Z.narrow(0, B, B);
+      at::mm_out(z_bottom, H.narrow(0, B, B), ly.weight);
+    }
     double* z = Z.data_ptr<double>();
     for (int64_t r = 0; r < B; ++r)  // top half: y = tanh(x W + b) in place
       for (int64_t k = 0; k < n; ++k) z[r * n + k] = tanh_exp(z[r * n + k] + ly.b[k]);

@@ -53,7 +53,7 @@ def load_kernel() -> Optional[Callable]:
             try:
                 _state["op"] = _build()
             except Exception as exc:  # no compiler, no ninja, headers missing: fall back, say so once
-                _state["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                _state["error"] = _reason(exc)
                 warnings.warn(
                     f"dpelt: the fused embedding kernel could not be built ({_state['error']}); inference runs "
                     "layer by layer (energy and forces ~15 % slower). Install a C++ compiler (g++) to enable it, or set "
@@ -63,6 +63,13 @@ def load_kernel() -> Optional[Callable]:
                 )
             _state["tried"] = True
     return _state["op"]
+
+
+def _reason(exc: Exception) -> str:
+    """One line for a failed build: the compiler's first error line, else the message's last."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    return f"{type(exc).__name__}: {(errors or lines or [''])[0] if errors else (lines or [''])[-1]}"
 
 
 def kernel_error() -> Optional[str]:

@@ -1,0 +1,250 @@
+"""The fused embedding kernel (pipeline/model/embedding_kernel.*) against the layer-by-layer nets.
+
+Inference with frozen weights evaluates the embedding nets in C++: G(s) and dG/ds carried
+forward in row blocks, tanh from an inline exponential. These tests check it builds where a
+compiler exists, that its values and derivatives equal the layer path's (which the physics
+tests check against finite differences and symmetries) for every shortcut and timestep
+layout and across block edges, finite differences of its own, NaN propagation, saturation,
+independence of the thread count, exact second derivatives, whole-model energies, forces
+and virials with and without pair sharing, and the fallback when it cannot be built.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_system, randomize_stats, tiny_model_config
+from pipeline.model import embedding_kernel as ek
+from pipeline.model.deeppot import DeepPot
+from pipeline.model.inputs import frame_inputs
+from pipeline.model.network import MLP
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The compiled op; skip without a C++ compiler; a compiler present but no kernel fails."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler (c++ or $CXX): the fused kernel cannot be built here")
+    if not ek.enabled_by_environment():
+        pytest.skip("DPELT_FUSED_KERNEL=0 disables the fused kernel")
+    op = ek.load_kernel()
+    assert op is not None, f"the fused embedding kernel did not build: {ek.kernel_error()}"
+    return op
+
+
+def frozen_net(neuron, resnet_dt, seed=0):
+    net = MLP(1, neuron, resnet_dt=resnet_dt, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return net.requires_grad_(False)
+
+
+def layer_path(net, x):
+    """G and dG/ds by autograd through the layers (the reference)."""
+    xx = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        g = net.forward_layers(xx)
+        cols = [torch.autograd.grad(g[:, k].sum(), xx, retain_graph=True)[0][:, 0] for k in range(g.shape[1])]
+    return g.detach(), torch.stack(cols, dim=1)
+
+
+LAYOUTS = [([25, 50, 100], False), ([25, 50, 100], True), ([4, 8, 8, 16], True), ([6], False), ([1, 1, 2], True), ([3, 5], False)]
+
+
+@pytest.mark.parametrize("neuron,resnet_dt", LAYOUTS)
+@pytest.mark.parametrize("rows", [0, 1, 255, 256, 257, 1000])  # block edges at 256
+def test_values_and_tangents_equal_layer_path(kernel, neuron, resnet_dt, rows):
+    net = frozen_net(neuron, resnet_dt, seed=len(neuron) + rows)
+    if resnet_dt:  # timesteps far from their initial 0.1, so a wrong one shows
+        for layer in net.layers:
+            if layer.idt is not None:
+                layer.idt.copy_(torch.linspace(-0.7, 1.3, layer.idt.numel(), dtype=torch.float64))
+    x = 4 * torch.rand(rows, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 1.5
+    w, b, st, sc = ek.packed_layers(net)
+    g, gp = kernel(x.reshape(-1).contiguous(), w, b, st, sc, True, ek.BLOCK_ROWS)
+    g_only, none = kernel(x.reshape(-1).contiguous(), w, b, st, sc, False, ek.BLOCK_ROWS)
+    g_ref, gp_ref = layer_path(net, x)
+    assert g.shape == (rows, neuron[-1]) and none.numel() == 0
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-13)
+    torch.testing.assert_close(gp, gp_ref, rtol=0, atol=1e-13)
+    assert torch.equal(g, g_only)  # the tangent does not change the values
+
+
+def test_tangent_matches_finite_differences(kernel):
+    net = frozen_net([25, 50, 100], True, seed=3)
+    x = torch.linspace(-1.0, 3.0, 300, dtype=torch.float64)
+    w, b, st, sc = ek.packed_layers(net)
+    _, gp = kernel(x, w, b, st, sc, True, 64)
+    h = 1e-5
+    gplus, _ = kernel(x + h, w, b, st, sc, False, 64)
+    gminus, _ = kernel(x - h, w, b, st, sc, False, 64)
+    torch.testing.assert_close(gp, (gplus - gminus) / (2 * h), rtol=1e-7, atol=1e-8)
+
+
+def test_saturation_and_nan(kernel):
+    """|z| large: tanh is exactly ±1 (no overflow to NaN); a NaN input stays NaN (the
+    descriptor relies on it to let a broken displacement reach the energy)."""
+    net = frozen_net([4, 8], False, seed=2)
+    x = torch.tensor([-1e6, -800.0, -30.0, 0.0, 30.0, 800.0, 1e6, float("nan")], dtype=torch.float64)
+    w, b, st, sc = ek.packed_layers(net)
+    g, gp = kernel(x, w, b, st, sc, True, 4)
+    g_ref, gp_ref = layer_path(net, x[:-1, None])
+    torch.testing.assert_close(g[:-1], g_ref, rtol=0, atol=1e-13)
+    torch.testing.assert_close(gp[:-1], gp_ref, rtol=0, atol=1e-13)
+    assert torch.isfinite(g[:-1]).all() and torch.isnan(g[-1]).all() and torch.isnan(gp[-1]).all()
+
+
+def test_independent_of_thread_count(kernel):
+    net = frozen_net([25, 50, 100], True, seed=4)
+    x = torch.rand(3000, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    w, b, st, sc = ek.packed_layers(net)
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append(kernel(x, w, b, st, sc, True, ek.BLOCK_ROWS))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def test_gathered_row_dot(kernel):
+    g = torch.Generator().manual_seed(6)
+    grad = torch.randn(37, 13, generator=g, dtype=torch.float64)
+    tan = torch.randn(11, 13, generator=g, dtype=torch.float64)
+    rows = torch.randint(0, 11, (37,), generator=g)
+    torch.testing.assert_close(torch.ops.dpelt.gathered_row_dot(grad, tan, rows), (grad * tan[rows]).sum(1), rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(torch.ops.dpelt.gathered_row_dot(tan, tan, torch.empty(0, dtype=torch.long)), (tan * tan).sum(1), rtol=1e-14, atol=1e-14)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.dpelt.gathered_row_dot(grad, tan, rows + 11)
+
+
+def test_mlp_uses_the_kernel_only_at_inference(kernel, monkeypatch):
+    calls = []
+    original = ek.fused_embedding
+    monkeypatch.setattr(ek, "fused_embedding", lambda mlp, x: calls.append(x.shape) or original(mlp, x))
+    net = MLP(1, [4, 8], resnet_dt=False, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.rand(5, 1, dtype=torch.float64)
+    net(x)  # weights receive gradients: training path
+    assert calls == []
+    with torch.no_grad():
+        net(x)
+    assert len(calls) == 1
+    net.requires_grad_(False)
+    net(x)
+    assert len(calls) == 2
+    monkeypatch.setenv("DPELT_FUSED_KERNEL", "0")
+    net(x)
+    assert len(calls) == 2
+    monkeypatch.setenv("DPELT_FUSED_KERNEL", "1")
+    torch.jit.script(net)(x)  # TorchScript never sees the kernel
+    assert len(calls) == 2
+
+
+def frozen_model(type_one_side: bool, resnet_dt: bool = False) -> DeepPot:
+    model = randomize_stats(DeepPot(tiny_model_config(type_one_side=type_one_side, sel=(60, 60), neuron=[8, 16, 32], resnet_dt=resnet_dt)))
+    return model.requires_grad_(False)
+
+
+def model_outputs(model, pos, cell, atype, use_kernel: bool, pairs: bool, monkeypatch):
+    monkeypatch.setenv("DPELT_FUSED_KERNEL", "1" if use_kernel else "0")
+    fi = frame_inputs(pos[None], cell[None], (True,) * 3, atype, model.rcut, model.sel, model.type_map)
+    out = model.forward_rij(fi.rij, fi.nlist, torch.from_numpy(atype), True, True, False, fi.partner if pairs else None)
+    return {k: out[k].detach() for k in ("energy", "atom_energy", "force", "virial")}
+
+
+@pytest.mark.parametrize("type_one_side", [True, False])
+@pytest.mark.parametrize("pairs", [True, False])
+@pytest.mark.parametrize("resnet_dt", [True, False])
+def test_model_energy_forces_virial_equal_layer_path(kernel, monkeypatch, type_one_side, pairs, resnet_dt):
+    model = frozen_model(type_one_side, resnet_dt)
+    pos, cell, atype = random_system(40, seed=7, cell_scale=7.0)
+    gathered = []
+    original = ek.fused_embedding_rows
+    monkeypatch.setattr(ek, "fused_embedding_rows", lambda mlp, x, rows: gathered.append(len(rows)) or original(mlp, x, rows))
+    fused = model_outputs(model, pos, cell, atype, True, pairs, monkeypatch)
+    assert bool(gathered) == pairs  # shared rows go through the gathered kernel
+    layers = model_outputs(model, pos, cell, atype, False, pairs, monkeypatch)
+    for key in fused:
+        scale = max(1.0, float(layers[key].abs().max()))
+        assert float((fused[key] - layers[key]).abs().max()) <= 1e-12 * scale, key
+
+
+def test_model_forces_match_finite_differences_with_kernel(kernel, monkeypatch):
+    model = frozen_model(True, True)
+    pos, cell, atype = random_system(16, seed=8, cell_scale=5.5)
+    forces = model_outputs(model, pos, cell, atype, True, True, monkeypatch)["force"][0].numpy()
+    h = 1e-5
+    for i, d in [(0, 0), (3, 1), (9, 2), (15, 0)]:
+        e = []
+        for sign in (1, -1):
+            p = pos.copy()
+            p[i, d] += sign * h
+            e.append(float(model_outputs(model, p, cell, atype, True, True, monkeypatch)["energy"][0]))
+        assert abs(-(e[0] - e[1]) / (2 * h) - forces[i, d]) < 1e-7 * max(1.0, abs(forces[i, d]))
+
+
+@pytest.mark.parametrize("pairs", [True, False])
+def test_second_derivative_through_frozen_model_is_exact(kernel, monkeypatch, pairs):
+    """create_graph through a fused net (a Hessian-vector product of a frozen model) is
+    recomputed layer by layer: equal to the layer path's."""
+    model = frozen_model(True)
+    pos, cell, atype = random_system(20, seed=9, cell_scale=6.0)
+    fi = frame_inputs(pos[None], cell[None], (True,) * 3, atype, model.rcut, model.sel, model.type_map)
+    v = torch.from_numpy(np.random.default_rng(0).normal(size=fi.rij.shape))
+
+    def hvp(flag):
+        monkeypatch.setenv("DPELT_FUSED_KERNEL", flag)
+        rij = fi.rij.clone().requires_grad_(True)
+        e = model.atomic_energy(rij, torch.from_numpy(atype), None, fi.partner if pairs else None).sum()
+        (g,) = torch.autograd.grad(e, rij, create_graph=True)
+        (h,) = torch.autograd.grad((g * v).sum(), rij)
+        return h
+
+    a, b = hvp("1"), hvp("0")
+    assert float(a.abs().max()) > 0
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch):
+    """No compiler: one RuntimeWarning naming the reason, then the layer path (same values)."""
+    net = frozen_net([4, 8], False)
+    x = torch.rand(7, 1, dtype=torch.float64)
+    reference = net.forward_layers(x)
+    monkeypatch.setattr(ek, "_state", {"tried": False, "op": None, "error": None})
+
+    def broken():
+        raise OSError("c++: command not found")
+
+    monkeypatch.setattr(ek, "_build", broken)
+    monkeypatch.setenv("DPELT_FUSED_KERNEL", "1")
+    with pytest.warns(RuntimeWarning, match="could not be built.*c\\+\\+: command not found"):
+        out = net(x)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        net(x)  # warned once only
+    assert ek.kernel_error() and "command not found" in ek.kernel_error()
+
+
+def test_build_in_a_fresh_directory_ignores_a_stale_torch_lock(kernel, tmp_path):
+    """A build killed mid-way leaves torch's lock file behind, and torch would wait for it
+    forever; dpelt removes it under its own flock (released when a process dies). A fresh
+    process builds the kernel in an empty extensions directory holding such a lock."""
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), DPELT_FUSED_KERNEL="1")
+    code = "from pipeline.model import embedding_kernel as ek; print(ek.build_directory())"
+    where = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(str(tmp_path))
+    os.makedirs(where)
+    open(os.path.join(where, "lock"), "w").close()
+    code = "from pipeline.model import embedding_kernel as ek; import sys; sys.exit(0 if ek.load_kernel() is not None else 1)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert any(name.endswith(".so") for name in os.listdir(where))
