@@ -23,6 +23,7 @@ from ase.md.velocitydistribution import thermalize_momenta
 from ase.units import fs
 
 from pipeline.calculator import DeepPotCalculator
+from pipeline.model import embedding_kernel
 from pipeline.data.ase_io import frames_to_atoms
 from pipeline.data.io import read_systems
 
@@ -74,6 +75,7 @@ def main() -> None:
         "md_atom_steps_per_s": n / md_dt,
         "md_energy_drift_eV_per_atom": drift,
         "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        "fused_embedding_kernel": embedding_kernel.load_kernel() is not None,
     }
     tmp = args.out + ".tmp"
     with open(tmp, "w") as fh:

@@ -91,6 +91,7 @@ def run_dpelt(data: Path, work: Path, steps: int, threads: int) -> dict:
         "md_atom_steps_per_s": infer["md_atom_steps_per_s"],
         "md_energy_drift_eV_per_atom": infer["md_energy_drift_eV_per_atom"],
         "infer_peak_rss_kb": infer["peak_rss_kb"],
+        "fused_embedding_kernel": infer["fused_embedding_kernel"],
     }
 
 
