@@ -16,6 +16,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <vector>
 
@@ -56,6 +60,75 @@ inline double tanh_exp(double z) {
   __builtin_memcpy(&e, &pbits, sizeof e);
   return (1.0 - e) / (1.0 + e);
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+// C[rows, N] = A[rows, K] W[K, N], all row-major and contiguous: a register-blocked GEMM for
+// the embedding nets' narrow shapes (K, N ~ 25-100), where MKL reaches about half the FMA
+// peak of this CPU: 6 rows × 8 columns of C in 12 AVX2 registers, k innermost (~1.2× MKL on
+// the water model's layers). Every element sums over k in ascending order whatever the
+// block's shape, so a row's values do not depend on the rows evaluated with it.
+#define DPELT_SMALL_GEMM 1
+template <int MR>
+inline void panel8(const double* A, int64_t K, const double* W, int64_t N, double* C) {
+  __m256d c0[MR], c1[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = _mm256_setzero_pd();
+    c1[i] = _mm256_setzero_pd();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256d w0 = _mm256_loadu_pd(W + k * N);
+    const __m256d w1 = _mm256_loadu_pd(W + k * N + 4);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m256d b = _mm256_broadcast_sd(A + i * K + k);
+      c0[i] = _mm256_fmadd_pd(b, w0, c0[i]);
+      c1[i] = _mm256_fmadd_pd(b, w1, c1[i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_pd(C + i * N, c0[i]);
+    _mm256_storeu_pd(C + i * N + 4, c1[i]);
+  }
+}
+
+template <int MR>
+inline void panel4(const double* A, int64_t K, const double* W, int64_t N, double* C) {
+  __m256d c0[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) c0[i] = _mm256_setzero_pd();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256d w0 = _mm256_loadu_pd(W + k * N);
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) c0[i] = _mm256_fmadd_pd(_mm256_broadcast_sd(A + i * K + k), w0, c0[i]);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) _mm256_storeu_pd(C + i * N, c0[i]);
+}
+
+void small_gemm(const double* A, int64_t rows, int64_t K, const double* W, int64_t N, double* C) {
+  constexpr int MR = 6;
+  int64_t j = 0;
+  for (; j + 8 <= N; j += 8) {
+    int64_t r = 0;
+    for (; r + MR <= rows; r += MR) panel8<MR>(A + r * K, K, W + j, N, C + r * N + j);
+    for (; r < rows; ++r) panel8<1>(A + r * K, K, W + j, N, C + r * N + j);
+  }
+  for (; j + 4 <= N; j += 4) {
+    int64_t r = 0;
+    for (; r + MR <= rows; r += MR) panel4<MR>(A + r * K, K, W + j, N, C + r * N + j);
+    for (; r < rows; ++r) panel4<1>(A + r * K, K, W + j, N, C + r * N + j);
+  }
+  for (; j < N; ++j)
+    for (int64_t r = 0; r < rows; ++r) {
+      double acc = 0.0;
+      for (int64_t k = 0; k < K; ++k) acc += A[r * K + k] * W[k * N + j];
+      C[r * N + j] = acc;
+    }
+}
+
+#endif
 
 struct Layer {
   const double* w;   // [n_in, n_out]
@@ -148,15 +221,20 @@ void run_block(const double* s, int64_t B, const std::vector<Layer>& layers, dou
     const Layer& ly = layers[l];
     const int64_t n_in = n;
     n = ly.n_out;
-    // [nrows, n]: x W on top, t W below, as two GEMMs so that the values do not depend on
-    // whether tangents are computed (MKL's rounding depends on the number of rows)
+    // [nrows, n]: x W on top, t W below
     at::Tensor Z = at::empty({nrows, n}, opts);
+#ifdef DPELT_SMALL_GEMM
+    small_gemm(H.data_ptr<double>(), nrows, n_in, ly.w, n, Z.data_ptr<double>());
+#else
+    // two GEMMs, so that the values do not depend on whether tangents are computed (MKL's
+    // rounding depends on the number of rows)
     at::Tensor z_top = Z.narrow(0, 0, B);
     at::mm_out(z_top, H.narrow(0, 0, B), ly.weight);
     if (tangent) {
       at::Tensor z_bottom = Z.narrow(0, B, B);
       at::mm_out(z_bottom, H.narrow(0, B, B), ly.weight);
     }
+#endif
     double* z = Z.data_ptr<double>();
     for (int64_t r = 0; r < B; ++r)  // top half: y = tanh(x W + b) in place
       for (int64_t k = 0; k < n; ++k) z[r * n + k] = tanh_exp(z[r * n + k] + ly.b[k]);
