@@ -7,6 +7,8 @@ frame (energy, virial) or each force component equally.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from typing import Sequence
 
@@ -22,6 +24,23 @@ from .model.deeppot import DeepPot
 from .model.inputs import frame_inputs
 
 
+@contextlib.contextmanager
+def frozen_weights(model: torch.nn.Module):
+    """Within: no parameter of ``model`` requires a gradient, and the model is in eval mode;
+    both restored afterwards."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    training = model.training
+    for p in params:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        model.train(training)
+
+
 def predict(model: DeepPot, ds: xr.Dataset, chunk: int = 8, source: str = "<frames>") -> dict:
     """Energy [nf] eV, forces [nf, natoms, 3] eV/Å and virial [nf, 3, 3] eV for every frame."""
     if type_map_of(ds) != list(model.type_map):
@@ -30,13 +49,14 @@ def predict(model: DeepPot, ds: xr.Dataset, chunk: int = 8, source: str = "<fram
     atype = ds["atom_type"].values.astype(np.int64)
     coord, cell = ds["coord"].values, ds["cell"].values
     energy, force, virial = [], [], []
-    for start in range(0, coord.shape[0], chunk):
-        sl = slice(start, start + chunk)
-        rij, nlist, _, partner = frame_inputs(coord[sl], cell[sl], pbc, atype, model.rcut, model.sel, model.type_map, on_overflow="error", where=f"{source} frame")
-        out = model.forward_rij(rij, nlist, torch.from_numpy(atype), True, True, False, partner)
-        energy.append(out["energy"].detach().numpy())
-        force.append(out["force"].detach().numpy())
-        virial.append(out["virial"].detach().numpy())
+    with frozen_weights(model):  # no weight gradients wanted: the fused embedding kernel applies
+        for start in range(0, coord.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            rij, nlist, _, partner = frame_inputs(coord[sl], cell[sl], pbc, atype, model.rcut, model.sel, model.type_map, on_overflow="error", where=f"{source} frame")
+            out = model.forward_rij(rij, nlist, torch.from_numpy(atype), True, True, False, partner)
+            energy.append(out["energy"].detach().numpy())
+            force.append(out["force"].detach().numpy())
+            virial.append(out["virial"].detach().numpy())
     return {"energy": np.concatenate(energy), "force": np.concatenate(force), "virial": np.concatenate(virial)}
 
 

@@ -42,7 +42,7 @@ def kernel():
 
 def frozen_net(neuron, resnet_dt, seed=0):
     net = MLP(1, neuron, resnet_dt=resnet_dt, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return net.requires_grad_(False)
+    return net.requires_grad_(False).eval()
 
 
 def layer_path(net, x):
@@ -100,6 +100,17 @@ def test_saturation_and_nan(kernel):
     assert torch.isfinite(g[:-1]).all() and torch.isnan(g[-1]).all() and torch.isnan(gp[-1]).all()
 
 
+def test_every_nan_stays_nan(kernel):
+    """NaNs with payload bits (quiet and signalling): the exponent trick must not make them finite."""
+    bits = np.array([0x7FF8000000000001, 0x7FF0000000000001, 0xFFF8000000000FFF, 0x7FF8000000000000], dtype=np.uint64)
+    x = torch.from_numpy(bits.view(np.float64).copy())
+    assert torch.isnan(x).all()
+    for neuron in ([4, 8], [6]):
+        net = frozen_net(neuron, False, seed=3)
+        g, gp = kernel(x, *ek.packed_layers(net), True, 4)
+        assert torch.isnan(g).all() and torch.isnan(gp).all(), neuron
+
+
 def test_independent_of_thread_count(kernel):
     net = frozen_net([25, 50, 100], True, seed=4)
     x = torch.rand(3000, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -138,6 +149,9 @@ def test_mlp_uses_the_kernel_only_at_inference(kernel, monkeypatch):
         net(x)
     assert len(calls) == 1
     net.requires_grad_(False)
+    net(x)  # frozen but in training mode: still the layer path
+    assert len(calls) == 1
+    net.eval()
     net(x)
     assert len(calls) == 2
     monkeypatch.setenv("DPELT_FUSED_KERNEL", "0")
@@ -148,9 +162,55 @@ def test_mlp_uses_the_kernel_only_at_inference(kernel, monkeypatch):
     assert len(calls) == 2
 
 
+def spy_fused(monkeypatch):
+    """Record calls of the two fused entry points: (gathered, plain)."""
+    gathered, plain = [], []
+    rows_of, single = ek.fused_embedding_rows, ek.fused_embedding
+    monkeypatch.setattr(ek, "fused_embedding_rows", lambda mlp, x, rows: gathered.append(len(rows)) or rows_of(mlp, x, rows))
+    monkeypatch.setattr(ek, "fused_embedding", lambda mlp, x: plain.append(x.shape) or single(mlp, x))
+    return gathered, plain
+
+
+def test_not_used_while_any_parameter_may_want_a_gradient(kernel):
+    """Frozen weights but trainable biases (or a net in training mode with grad on, as a
+    frozen descriptor is during training): the layer path, so no gradient is lost."""
+    net = MLP(1, [4, 8], resnet_dt=True, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.rand(6, 1, dtype=torch.float64, requires_grad=True)
+    for layer in net.layers:
+        layer.weight.requires_grad_(False)
+    assert not ek.applicable(net, x)
+    net(x).sum().backward()
+    assert all(layer.bias.grad is not None and float(layer.bias.grad.abs().sum()) > 0 for layer in net.layers)
+    net.requires_grad_(False)
+    assert not ek.applicable(net, x)  # training mode, grad on
+    net.eval()
+    assert ek.applicable(net, x)
+    net.train()
+    with torch.no_grad():
+        assert ek.applicable(net, x)
+
+
+def test_predict_uses_the_kernel_and_restores_the_model(kernel, monkeypatch):
+    """``dpelt test`` / ``dpelt ensemble-test`` get a model whose weights require gradients:
+    predict freezes it for the evaluation and gives it back unchanged."""
+    from pipeline.data.frames import make_frames
+    from pipeline.evaluate import predict
+
+    model = randomize_stats(DeepPot(tiny_model_config(type_one_side=True))).train()
+    pos, cell, atype = random_system(12, seed=3, cell_scale=5.0)
+    ds = make_frames(pos[None], cell[None], atype, ["A", "B"], energy=np.zeros(1), force=np.zeros((1, 12, 3)))
+    gathered, plain = spy_fused(monkeypatch)
+    out = predict(model, ds)
+    assert gathered or plain
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    monkeypatch.setenv("DPELT_FUSED_KERNEL", "0")
+    ref = predict(model, ds)
+    np.testing.assert_allclose(out["force"], ref["force"], rtol=0, atol=1e-12)
+
+
 def frozen_model(type_one_side: bool, resnet_dt: bool = False) -> DeepPot:
     model = randomize_stats(DeepPot(tiny_model_config(type_one_side=type_one_side, sel=(60, 60), neuron=[8, 16, 32], resnet_dt=resnet_dt)))
-    return model.requires_grad_(False)
+    return model.requires_grad_(False).eval()
 
 
 def model_outputs(model, pos, cell, atype, use_kernel: bool, pairs: bool, monkeypatch):
@@ -166,11 +226,10 @@ def model_outputs(model, pos, cell, atype, use_kernel: bool, pairs: bool, monkey
 def test_model_energy_forces_virial_equal_layer_path(kernel, monkeypatch, type_one_side, pairs, resnet_dt):
     model = frozen_model(type_one_side, resnet_dt)
     pos, cell, atype = random_system(40, seed=7, cell_scale=7.0)
-    gathered = []
-    original = ek.fused_embedding_rows
-    monkeypatch.setattr(ek, "fused_embedding_rows", lambda mlp, x, rows: gathered.append(len(rows)) or original(mlp, x, rows))
+    gathered, plain = spy_fused(monkeypatch)
     fused = model_outputs(model, pos, cell, atype, True, pairs, monkeypatch)
     assert bool(gathered) == pairs  # shared rows go through the gathered kernel
+    assert pairs or plain  # the others through the plain one: never a silent layer path
     layers = model_outputs(model, pos, cell, atype, False, pairs, monkeypatch)
     for key in fused:
         scale = max(1.0, float(layers[key].abs().max()))
@@ -208,7 +267,10 @@ def test_second_derivative_through_frozen_model_is_exact(kernel, monkeypatch, pa
         (h,) = torch.autograd.grad((g * v).sum(), rij)
         return h
 
-    a, b = hvp("1"), hvp("0")
+    gathered, plain = spy_fused(monkeypatch)
+    a = hvp("1")
+    assert gathered if pairs else plain
+    b = hvp("0")
     assert float(a.abs().max()) > 0
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -248,3 +310,48 @@ def test_build_in_a_fresh_directory_ignores_a_stale_torch_lock(kernel, tmp_path)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert any(name.endswith(".so") for name in os.listdir(where))
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True, timeout=600)
+
+
+PROBE = (
+    "import warnings, torch\n"
+    "warnings.simplefilter('always')\n"
+    "from pipeline.model import embedding_kernel as ek\n"
+    "from pipeline.model.network import MLP\n"
+    "net = MLP(1, [4, 8], resnet_dt=False, generator=torch.Generator().manual_seed(0), dtype=torch.float64).requires_grad_(False).eval()\n"
+    "x = torch.rand(5, 1, dtype=torch.float64)\n"
+    "assert torch.allclose(net(x), net.forward_layers(x), rtol=0, atol=1e-14)\n"
+    "print('KERNEL', ek.load_kernel() is not None, ek.kernel_error())\n"
+)
+
+
+def test_without_a_compiler_falls_back_once_and_remembers_nothing(kernel, tmp_path):
+    """A fresh cache and no compiler: one warning naming the reason, the layer path, no build."""
+    done = run_python(PROBE, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX="/nonexistent/c++", DPELT_FUSED_KERNEL="1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "KERNEL False" in done.stdout and "no C++ compiler" in done.stdout
+    assert done.stderr.count("could not be built") == 1
+    assert not any(p.suffix == ".so" for p in tmp_path.rglob("*"))
+
+
+def test_a_built_kernel_loads_without_compiler_or_ninja(kernel):
+    """Once built (the ``kernel`` fixture did), a process needs neither compiler nor ninja."""
+    done = run_python(PROBE, CXX="/nonexistent/c++", PATH="/nonexistent", DPELT_FUSED_KERNEL="1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "KERNEL True" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_a_failed_build_is_not_retried_by_every_process(kernel, tmp_path):
+    """A build that failed leaves its reason in the build directory: later processes fall
+    back at once and the warning says which file to delete to retry."""
+    code = "from pipeline.model import embedding_kernel as ek; print(ek.build_directory())"
+    where = run_python(code, TORCH_EXTENSIONS_DIR=str(tmp_path)).stdout.strip()
+    os.makedirs(where)
+    with open(os.path.join(where, ek.FAILED), "w") as fh:
+        fh.write("RuntimeError: embedding_kernel.cpp:1: error: something broke\n")
+    done = run_python(PROBE, TORCH_EXTENSIONS_DIR=str(tmp_path), DPELT_FUSED_KERNEL="1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "KERNEL False" in done.stdout and "something broke" in done.stdout and ek.FAILED in done.stderr

@@ -7,7 +7,7 @@
 // (or 1). The net's input is one scalar s per row, so forces need only dG/ds [rows, M1]:
 // it is carried forward beside G (forward-mode tangent, t = dx/ds):
 //     t_out = shortcut(t) + a ⊙ (1 − tanh²(z)) ⊙ (t W).
-// Stacking [x; t] makes one GEMM per layer for both. Rows are processed in blocks that
+// Stacking [x; t] makes one GEMM per layer for both (small_gemm; with MKL, two). Rows are processed in blocks that
 // stay in the L2 cache, one block per thread: every intermediate lives in cache and only
 // G and dG/ds are written to memory, instead of the ~10 passes over [rows, M1] arrays the
 // layer-by-layer evaluation makes. tanh is evaluated inline (tanh_exp), vectorised.
@@ -28,7 +28,7 @@ namespace {
 // tanh(z) = (1 − e)/(1 + e), e = exp(−2z), written so that GCC vectorises it inside the loops
 // below (ATen's float64 exp runs ~2.6 ns an element here). exp: x = n ln2 + r, |r| ≤ ln2/2,
 // e^r by its Taylor series to r^13 (relative error < 1e-17 before rounding), 2^n put in the
-// exponent bits. |2z| is capped at 40, where tanh rounds to ±1 exactly; a NaN stays NaN.
+// exponent bits. |2z| is capped at 40, where tanh rounds to ±1 exactly; any NaN stays NaN.
 inline double tanh_exp(double z) {
   double x = -2.0 * z;
   x = x < -40.0 ? -40.0 : (x > 40.0 ? 40.0 : x);
@@ -58,7 +58,8 @@ inline double tanh_exp(double z) {
   pbits += (kbits - 0x4338000000000000LL) << 52;  // multiply by 2^k, |k| ≤ 58
   double e;
   __builtin_memcpy(&e, &pbits, sizeof e);
-  return (1.0 - e) / (1.0 + e);
+  const double y = (1.0 - e) / (1.0 + e);
+  return z != z ? z : y;  // a NaN's payload bits could have turned e finite: keep the NaN
 }
 
 #if defined(__AVX2__) && defined(__FMA__)

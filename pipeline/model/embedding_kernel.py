@@ -3,7 +3,7 @@
 Inference (energy and forces with frozen weights) spends about a third of its time in the
 embedding nets, most of it in element-wise passes over [rows, M1] arrays that leave the
 cache. The net's input is a scalar per row, so forces need only the [rows, M1] derivative
-dG/ds; the kernel carries it forward beside G (one GEMM per layer for both) in row blocks
+dG/ds; the kernel carries it forward beside G (the same GEMM per layer) in row blocks
 that stay in the L2 cache, one block per thread. The backward is then a row-wise dot
 product, ``(dE/dG · dG/ds).sum(-1)``.
 
@@ -17,7 +17,6 @@ through a fused net (``create_graph``) is recomputed layer by layer, so it stays
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
@@ -105,30 +104,59 @@ def _ninja_on_path():
         os.environ["PATH"] = old
 
 
+LIBRARY = "dpelt_embedding_kernel"
+FAILED = "build-failed.txt"  # in the build directory: why the last build failed
+
+
 def _build() -> Callable:
     if hasattr(torch.ops, "dpelt") and hasattr(torch.ops.dpelt, "embedding_net"):
         return torch.ops.dpelt.embedding_net
+    where = build_directory()
+    built = where / f"{LIBRARY}.so"
+    if built.exists():  # built before: load it (no compiler, ninja or writable cache needed)
+        try:
+            torch.ops.load_library(str(built))
+            return torch.ops.dpelt.embedding_net
+        except (OSError, RuntimeError):  # a truncated file from a killed build: build again
+            pass
+    if (where / FAILED).exists():
+        raise RuntimeError(f"{(where / FAILED).read_text().strip()} (an earlier build in {where}; delete {where / FAILED} to retry)")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH")
+    import fcntl
+
     from torch.utils.cpp_extension import load
 
-    where = build_directory()
     where.mkdir(parents=True, exist_ok=True)
     # One build at a time (Snakemake starts jobs in parallel). An flock is released when its
     # process dies; torch's own lock file is not, so one left by a killed build is removed
     # while the flock is held (no other build can be running then).
     with open(where / "dpelt.lock", "w") as lock, _ninja_on_path():
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"dpelt: waiting for another process to build the fused embedding kernel in {where}", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if built.exists() and not (where / "lock").exists():  # the other process built it
+            torch.ops.load_library(str(built))
+            return torch.ops.dpelt.embedding_net
         (where / "lock").unlink(missing_ok=True)
-        load(
-            name="dpelt_embedding_kernel",
-            sources=[str(SOURCE)],
-            # OpenMP: ATen's parallel_for is compiled into the kernel; no trapping math lets
-            # GCC vectorise tanh_exp's clamps (values are unchanged)
-            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + _vector_flags(),
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(where),
-            is_python_module=False,
-            verbose=False,
-        )
+        try:
+            load(
+                name=LIBRARY,
+                sources=[str(SOURCE)],
+                # OpenMP: ATen's parallel_for is compiled into the kernel; no trapping math lets
+                # GCC vectorise tanh_exp's clamps (values are unchanged)
+                extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + _vector_flags(),
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(where),
+                is_python_module=False,
+                verbose=False,
+            )
+        except Exception as exc:  # remembered, so that later processes do not compile again
+            (where / FAILED).write_text(_reason(exc) + "\n")
+            raise
     return torch.ops.dpelt.embedding_net
 
 
@@ -158,14 +186,15 @@ def packed_layers(mlp: torch.nn.Module) -> Tuple[List[torch.Tensor], List[torch.
 
 def applicable(mlp: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`fused_embedding` can evaluate ``mlp`` on ``x``: a float64 CPU net of tanh
-    layers with one input, weights that receive no gradient, and the kernel available."""
+    layers with one input, in eval mode with no parameter requiring a gradient (or grad mode
+    off), and the kernel available."""
     layers = mlp.layers
     if x.shape[-1] != 1 or x.dtype != torch.float64 or x.device.type != "cpu" or len(layers) == 0:
         return False
+    if torch.is_grad_enabled() and (mlp.training or any(p.requires_grad for p in mlp.parameters())):
+        return False  # training: parameters may want gradients, or a force loss a second derivative
     for layer in layers:
         if not layer.activation or layer.weight.dtype != torch.float64:
-            return False
-        if torch.is_grad_enabled() and layer.weight.requires_grad:
             return False
     return load_kernel() is not None
 
