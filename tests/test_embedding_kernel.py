@@ -181,6 +181,13 @@ def test_not_used_while_any_parameter_may_want_a_gradient(kernel):
     assert not ek.applicable(net, x)
     net(x).sum().backward()
     assert all(layer.bias.grad is not None and float(layer.bias.grad.abs().sum()) > 0 for layer in net.layers)
+    net.eval()
+    assert not ek.applicable(net, x)  # eval mode, but the biases want gradients
+    for layer in net.layers:
+        layer.bias.grad = None
+    net(x).sum().backward()
+    assert all(layer.bias.grad is not None and float(layer.bias.grad.abs().sum()) > 0 for layer in net.layers)
+    net.train()
     net.requires_grad_(False)
     assert not ek.applicable(net, x)  # training mode, grad on
     net.eval()
@@ -334,7 +341,7 @@ def test_without_a_compiler_falls_back_once_and_remembers_nothing(kernel, tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     assert "KERNEL False" in done.stdout and "no C++ compiler" in done.stdout
     assert done.stderr.count("could not be built") == 1
-    assert not any(p.suffix == ".so" for p in tmp_path.rglob("*"))
+    assert not any(p.suffix == ".so" or p.name == ek.FAILED for p in tmp_path.rglob("*"))  # a compiler installed later is used
 
 
 def test_a_built_kernel_loads_without_compiler_or_ninja(kernel):
@@ -355,3 +362,43 @@ def test_a_failed_build_is_not_retried_by_every_process(kernel, tmp_path):
     done = run_python(PROBE, TORCH_EXTENSIONS_DIR=str(tmp_path), DPELT_FUSED_KERNEL="1")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "KERNEL False" in done.stdout and "something broke" in done.stdout and ek.FAILED in done.stderr
+
+
+def test_only_compile_errors_are_remembered(tmp_path, monkeypatch):
+    """A compile error is kept in build-failed.txt (later processes fall back at once); a
+    transient failure (disk full, a killed compiler) is not, so the next process retries."""
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("CXX", sys.executable)  # "a compiler" on PATH; load() itself is replaced
+    outcomes = {"compile": RuntimeError("Error building extension:\nembedding_kernel.cpp:7:1: error: 'x' was not declared\nninja: build stopped"), "disk": OSError(28, "No space left on device")}
+    for name, exc in outcomes.items():
+        where = tmp_path / name
+
+        def failing(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(cpp, "load", failing)
+        with pytest.raises(type(exc)):
+            ek._load_or_build(where)
+        marker = where / ek.FAILED
+        assert marker.exists() == (name == "compile")
+        if name == "compile":
+            assert "error: 'x' was not declared" in marker.read_text()
+            with pytest.raises(RuntimeError, match="delete .*build-failed.txt to retry"):
+                ek._load_or_build(where)  # not compiled again
+
+
+def test_a_truncated_library_is_rebuilt(tmp_path, monkeypatch):
+    """A .so cut short by a killed build does not load: it is removed and built again."""
+    import torch.utils.cpp_extension as cpp
+
+    where = tmp_path / "b"
+    where.mkdir()
+    (where / f"{ek.LIBRARY}.so").write_bytes(b"\x7fELF truncated")
+    (where / "lock").write_text("")  # and torch's lock file of the killed build
+    calls = []
+    monkeypatch.setenv("CXX", sys.executable)
+    monkeypatch.setattr(cpp, "load", lambda *a, **k: calls.append(k["build_directory"]))
+    ek._load_or_build(where)
+    assert calls == [str(where)]
+    assert not (where / f"{ek.LIBRARY}.so").exists() and not (where / "lock").exists()

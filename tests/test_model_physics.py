@@ -1,5 +1,7 @@
 """Physics of the se_e2_a model: derivatives, invariances, smoothness, precision."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -176,17 +178,19 @@ def test_inference_padding_cache_is_exact_and_follows_weight_updates():
     load_state_dict invalidates them, and the result always equals the uncached computation."""
     model = model_for(type_one_side=True).eval().requires_grad_(False)
     pos, cell, atype = random_system(10, seed=2)
+
+    def uncached(m):  # a copy starts with an empty cache: the same evaluation path, computed afresh
+        return run_model(copy.deepcopy(m), pos, cell, atype, (True,) * 3)
+
     cached = run_model(model, pos, cell, atype, (True,) * 3)
     assert padding_cache(model.descriptor), "frozen eval-mode inference should use the cache"
-    uncached = run_model(model.train(), pos, cell, atype, (True,) * 3)
-    model.eval()
-    assert cached["energy"] == uncached["energy"]
-    np.testing.assert_array_equal(cached["force"], uncached["force"])
+    fresh = uncached(model)
+    assert cached["energy"] == fresh["energy"]
+    np.testing.assert_array_equal(cached["force"], fresh["force"])
     with torch.no_grad():
         model.descriptor.embeddings[0].layers[0].bias.add_(0.3)
     moved = run_model(model, pos, cell, atype, (True,) * 3)
-    assert moved["energy"] == run_model(model.train(), pos, cell, atype, (True,) * 3)["energy"] != cached["energy"]
-    model.eval()
+    assert moved["energy"] == uncached(model)["energy"] != cached["energy"]
     other = model_for(type_one_side=True, seed=11).requires_grad_(False)  # frozen like model: same evaluation path, same bits
     model.load_state_dict(other.state_dict())
     assert run_model(model, pos, cell, atype, (True,) * 3)["energy"] == run_model(other.eval(), pos, cell, atype, (True,) * 3)["energy"]

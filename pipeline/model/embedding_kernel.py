@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shlex
 import shutil
 import sys
 import threading
@@ -77,12 +78,12 @@ def kernel_error() -> Optional[str]:
 
 
 def build_directory() -> Path:
-    """Where the kernel is built: one directory per source, torch version, Python and CPU
-    capability, under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)."""
+    """Where the kernel is built: one directory per source, torch version, Python, CPU
+    capability and compiler flags, under ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)."""
     from torch.utils.cpp_extension import get_default_build_root
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode() + _capability().encode()).hexdigest()[:12]
+    key = hashlib.sha256(SOURCE.read_bytes() + "\0".join([torch.__version__, sys.version, _capability()] + _cflags()).encode()).hexdigest()[:12]
     return Path(root) / f"dpelt_embedding_{_capability()}_{key}"
 
 
@@ -111,53 +112,90 @@ FAILED = "build-failed.txt"  # in the build directory: why the last build failed
 def _build() -> Callable:
     if hasattr(torch.ops, "dpelt") and hasattr(torch.ops.dpelt, "embedding_net"):
         return torch.ops.dpelt.embedding_net
-    where = build_directory()
-    built = where / f"{LIBRARY}.so"
-    if built.exists():  # built before: load it (no compiler, ninja or writable cache needed)
-        try:
-            torch.ops.load_library(str(built))
-            return torch.ops.dpelt.embedding_net
-        except (OSError, RuntimeError):  # a truncated file from a killed build: build again
-            pass
-    if (where / FAILED).exists():
-        raise RuntimeError(f"{(where / FAILED).read_text().strip()} (an earlier build in {where}; delete {where / FAILED} to retry)")
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH")
+    _load_or_build(build_directory())
+    return torch.ops.dpelt.embedding_net
+
+
+def _cflags() -> List[str]:
+    # OpenMP: ATen's parallel_for is compiled into the kernel; no trapping math lets GCC
+    # vectorise tanh_exp's clamps (values are unchanged)
+    return ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + _vector_flags()
+
+
+def _load_or_build(where: Path) -> None:
+    """Load the kernel library built in ``where``, building it first when there is none.
+
+    Builders hold an exclusive flock on ``where/dpelt.lock`` (Snakemake starts jobs in
+    parallel: one builds, the others wait), loaders a shared one, so nobody loads a library
+    being linked. An flock dies with its process; torch's own ``lock`` file does not, so one
+    left by a killed build is removed under the exclusive flock. A compile error is written
+    to ``build-failed.txt`` so that later processes do not compile again; other failures
+    (disk full, a killed compiler) are not remembered.
+    """
     import fcntl
 
+    built = where / f"{LIBRARY}.so"
+    if built.exists():  # built before: no compiler, ninja or writable cache needed
+        try:
+            lock = open(where / "dpelt.lock", "a")
+        except OSError:  # a read-only cache: nobody builds there
+            lock = None
+        try:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_SH)
+            torch.ops.load_library(str(built))
+            return
+        except (OSError, RuntimeError):  # a truncated file from a killed build: build again
+            pass
+        finally:
+            if lock is not None:
+                lock.close()
+    _raise_if_failed_before(where)
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(shlex.split(compiler)[0] if compiler.strip() else "c++") is None:
+        raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH")
     from torch.utils.cpp_extension import load
 
     where.mkdir(parents=True, exist_ok=True)
-    # One build at a time (Snakemake starts jobs in parallel). An flock is released when its
-    # process dies; torch's own lock file is not, so one left by a killed build is removed
-    # while the flock is held (no other build can be running then).
-    with open(where / "dpelt.lock", "w") as lock, _ninja_on_path():
+    with open(where / "dpelt.lock", "a") as lock, _ninja_on_path():
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"dpelt: waiting for another process to build the fused embedding kernel in {where}", file=sys.stderr, flush=True)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        if built.exists() and not (where / "lock").exists():  # the other process built it
-            torch.ops.load_library(str(built))
-            return torch.ops.dpelt.embedding_net
+            _raise_if_failed_before(where)
+            if built.exists():  # the other process built it
+                try:
+                    torch.ops.load_library(str(built))
+                    return
+                except (OSError, RuntimeError):
+                    pass
+        built.unlink(missing_ok=True)
         (where / "lock").unlink(missing_ok=True)
         try:
             load(
                 name=LIBRARY,
                 sources=[str(SOURCE)],
-                # OpenMP: ATen's parallel_for is compiled into the kernel; no trapping math lets
-                # GCC vectorise tanh_exp's clamps (values are unchanged)
-                extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"] + _vector_flags(),
+                extra_cflags=_cflags(),
                 extra_ldflags=["-fopenmp"],
                 build_directory=str(where),
                 is_python_module=False,
                 verbose=False,
             )
-        except Exception as exc:  # remembered, so that later processes do not compile again
-            (where / FAILED).write_text(_reason(exc) + "\n")
+        except Exception as exc:
+            reason = _reason(exc)
+            if "error:" in reason:  # the compiler refused the source: the same next time
+                try:
+                    (where / FAILED).write_text(reason + "\n")
+                except OSError:
+                    pass
             raise
-    return torch.ops.dpelt.embedding_net
+
+
+def _raise_if_failed_before(where: Path) -> None:
+    failed = where / FAILED
+    if failed.exists():
+        raise RuntimeError(f"{failed.read_text().strip() or 'failed'} (an earlier build in {where}; delete {failed} to retry)")
 
 
 def _capability() -> str:
