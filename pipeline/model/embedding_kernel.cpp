@@ -202,17 +202,22 @@ void run_block(const double* s, int64_t B, const std::vector<Layer>& layers, dou
     for (int64_t r = 0; r < B; ++r)
       for (int64_t k = 0; k < n; ++k) y[r * n + k] = tanh_exp(s[r] * l0.w[k] + l0.b[k]);
   }
-  at::Tensor H;  // [nrows, n]: rows [0, B) values, [B, 2B) tangents
+  // A layer's output: G and dG/ds for the last layer, else a fresh [nrows, n] buffer with
+  // the values in rows [0, B) and the tangents in rows [B, 2B).
+  auto output = [&](bool last, int64_t width, at::Tensor& buffer, double*& values, double*& tangents) {
+    if (last) {
+      values = G;
+      tangents = Gp;
+      return;
+    }
+    buffer = at::empty({nrows, width}, opts);
+    values = buffer.data_ptr<double>();
+    tangents = tangent ? values + B * width : nullptr;
+  };
+  at::Tensor H;
   double* h;
   double* t;
-  if (L == 1) {
-    h = G;
-    t = Gp;
-  } else {
-    H = at::empty({nrows, n}, opts);
-    h = H.data_ptr<double>();
-    t = tangent ? h + B * n : nullptr;
-  }
+  output(L == 1, n, H, h, t);
   {
     // the input tangent is 1: shortcut(xt) = 1, and zt[r, k] = w[k] for every row
     std::vector<double> ones(B, 1.0);
@@ -243,14 +248,7 @@ void run_block(const double* s, int64_t B, const std::vector<Layer>& layers, dou
     at::Tensor next;
     double* hn;
     double* tn;
-    if (l == L - 1) {
-      hn = G;
-      tn = Gp;
-    } else {
-      next = at::empty({nrows, n}, opts);
-      hn = next.data_ptr<double>();
-      tn = tangent ? hn + B * n : nullptr;
-    }
+    output(l == L - 1, n, next, hn, tn);
     const double* x = H.data_ptr<double>();
     combine_any(ly.shortcut, B, n_in, n, ly.a, z, zt, n, x, tangent ? x + B * n_in : nullptr, hn, tn);
     H = next;

@@ -237,6 +237,12 @@ def applicable(mlp: torch.nn.Module, x: torch.Tensor) -> bool:
     return load_kernel() is not None
 
 
+def _evaluate(mlp: torch.nn.Module, x: torch.Tensor, tangent: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kernel on x [..., 1]: (G [R, M1], dG/ds [R, M1] or empty when not ``tangent``)."""
+    g, gp = load_kernel()(x.reshape(-1).contiguous(), *packed_layers(mlp), tangent, BLOCK_ROWS)
+    return g, gp
+
+
 class _FusedEmbedding(torch.autograd.Function):
     """x [..., 1] -> G [..., M1] by the kernel; backward (dE/dG · dG/ds).sum(-1)."""
 
@@ -245,10 +251,7 @@ class _FusedEmbedding(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, mlp: torch.nn.Module):
-        op = load_kernel()
-        weights, biases, steps, shortcuts = packed_layers(mlp)
-        tangent = bool(ctx.needs_input_grad[0])
-        g, gp = op(x.reshape(-1).contiguous(), weights, biases, steps, shortcuts, tangent, BLOCK_ROWS)
+        g, gp = _evaluate(mlp, x, bool(ctx.needs_input_grad[0]))
         ctx.mlp = mlp
         ctx.save_for_backward(x, gp)
         return g.reshape(x.shape[:-1] + (g.shape[-1],))
@@ -276,9 +279,7 @@ class _FusedGatheredEmbedding(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, mlp: torch.nn.Module, *rows: torch.Tensor):
-        op = load_kernel()
-        weights, biases, steps, shortcuts = packed_layers(mlp)
-        g, gp = op(x.reshape(-1).contiguous(), weights, biases, steps, shortcuts, bool(ctx.needs_input_grad[0]), BLOCK_ROWS)
+        g, gp = _evaluate(mlp, x, bool(ctx.needs_input_grad[0]))
         ctx.mlp = mlp
         ctx.save_for_backward(x, gp, *rows)
         return tuple(g.index_select(0, r) for r in rows)
