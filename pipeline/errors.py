@@ -40,3 +40,7 @@ class ModelFileError(DpeltError):
 
 class NeighborOverflowError(DpeltError):
     """More neighbours of a type within ``rcut`` than ``sel`` allows."""
+
+
+class TooManyNeighborsError(DpeltError):
+    """A cut-off that would put an absurd number of atoms around each atom (rcut or cell wrong)."""

@@ -228,6 +228,45 @@ def test_training_inputs_checked_against_the_systems_found(tmp_path):
     assert not (tmp_path / "o" / "model.pt").exists()
 
 
+@pytest.mark.parametrize("sel", ["auto", "fixed"])
+def test_absurd_cutoff_or_cell_in_nm_is_refused_before_the_search(tmp_path, sel):
+    """rcut 100 Å (or a cell written in nm) used to make the neighbour search list millions of
+    pairs per frame for minutes, then run out of memory; now one error names file and key."""
+    import time
+    from dataclasses import replace
+
+    from pipeline.data.netcdf import read_frames, write_frames
+    from pipeline.train.loop import train
+
+    cfg = _cu_train_config(tmp_path)
+    cfg = replace(cfg, model=replace(cfg.model, descriptor=replace(cfg.model.descriptor, rcut=100.0, sel="auto" if sel == "auto" else (40,))))
+    t = time.perf_counter()
+    with pytest.raises(DpeltError) as info:
+        train(cfg, tmp_path / "o", log=lambda s: None)
+    assert time.perf_counter() - t < 30
+    msg = str(info.value)
+    assert msg.startswith(str(tmp_path / "cu.nc")) and "[model.descriptor.rcut]" in msg and "rcut = 100 Å" in msg and "frame 0" in msg, msg
+    assert not (tmp_path / "o" / "model.pt").exists()
+
+    ds = read_frames(tmp_path / "cu.nc")[0]
+    nm = ds.assign(coord=ds["coord"] * 0.1, cell=ds["cell"] * 0.1)  # positions and cell in nm
+    write_frames(tmp_path / "nm.nc", nm)
+    with pytest.raises(DpeltError, match=r"nm.nc \[model.descriptor.rcut\]: frame 0: rcut = 4 Å would put about .* Check rcut \(Å\) and that the cell is in Å"):
+        train(_cu_train_config(tmp_path, training_data={"systems": [str(tmp_path / "nm.nc")]}), tmp_path / "p", log=lambda s: None)
+
+
+def test_absurd_cutoff_refused_in_evaluation():
+    from pipeline.model.inputs import frame_inputs
+    from pipeline.model.neighbor import MAX_NEIGHBORS_PER_ATOM, check_neighbor_density
+
+    cell = np.eye(3) * 3.6
+    check_neighbor_density(4, cell, [True] * 3, 6.0)  # fcc copper, ~80 neighbours: fine
+    check_neighbor_density(4, cell, [True, True, False], 1000.0)  # not fully periodic: bounded, not checked
+    with pytest.raises(DpeltError, match=r"\[model.descriptor.rcut\]: md frame 0: rcut = 60 Å would put about 7.\d+e\+04 atoms"):
+        frame_inputs(np.zeros((1, 4, 3)) + np.arange(4)[None, :, None], cell[None], [True] * 3, np.zeros(4, dtype=np.int64), 60.0, [100], ["Cu"], where="md frame")
+    assert MAX_NEIGHBORS_PER_ATOM >= 10000
+
+
 @pytest.mark.parametrize("section, name, spoil, key", [
     ("state_dict", None, lambda t: t.fill_(float("nan")), "state_dict."),
     ("stats", "dstd", lambda t: t.mul_(0.0), "[stats.dstd]"),

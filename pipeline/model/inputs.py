@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .neighbor import build_neighbor_list, overflow_message
-from ..errors import NeighborOverflowError
+from ..errors import NeighborOverflowError, TooManyNeighborsError
 
 
 class FrameInputs(NamedTuple):
@@ -44,7 +44,10 @@ def frame_inputs(
     nf = coord.shape[0]
     rijs, nlists, partners, worst = [], [], [], 0
     for f in range(nf):
-        nl = build_neighbor_list(coord[f], cell[f], pbc, atype, rcut, sel)
+        try:
+            nl = build_neighbor_list(coord[f], cell[f], pbc, atype, rcut, sel)
+        except TooManyNeighborsError as exc:
+            raise TooManyNeighborsError(f"{where} {f}: {exc.message}", key=exc.key) from None
         if nl.max_overflow:
             if on_overflow == "error":
                 raise NeighborOverflowError(overflow_message(nl.overflow, sel, type_map, f"{where} {f}"), key="sel")

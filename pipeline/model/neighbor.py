@@ -11,13 +11,14 @@ smooth switch makes them vanish exactly and the model needs no mask.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import vesin
 
-from ..errors import NeighborOverflowError
+from ..errors import NeighborOverflowError, TooManyNeighborsError
 
 
 @dataclass
@@ -59,6 +60,30 @@ def neighbor_counts(
     return counts
 
 
+MAX_NEIGHBORS_PER_ATOM = 20000  # se_e2_a models use a few hundred; 20 000 is rcut ≈ 37 Å in a metal
+
+
+def check_neighbor_density(natoms: int, cell: np.ndarray, pbc: Sequence[bool], rcut: float) -> None:
+    """Refuse a fully periodic frame whose density puts more than MAX_NEIGHBORS_PER_ATOM atoms
+    within ``rcut`` (Å) of an atom, before the search tries to list them all (an rcut in the
+    wrong unit, or a cell in nm, would otherwise take minutes and gigabytes, then fail).
+
+    The estimate is the density's: natoms/V · 4/3 π rcut³. Partly or non-periodic frames are
+    bounded by their atom count and are not checked.
+    """
+    if not all(bool(p) for p in np.asarray(pbc).reshape(3)):
+        return
+    volume = abs(float(np.linalg.det(np.asarray(cell, dtype=np.float64))))
+    expected = natoms / volume * 4.0 / 3.0 * math.pi * rcut**3 if volume > 0 else math.inf
+    if expected > MAX_NEIGHBORS_PER_ATOM:
+        raise TooManyNeighborsError(
+            f"rcut = {rcut:g} Å would put about {expected:.3g} atoms around each atom ({natoms} atoms in a cell of "
+            f"{volume:.4g} Å³); se_e2_a models use a few hundred at most (limit {MAX_NEIGHBORS_PER_ATOM}). "
+            "Check rcut (Å) and that the cell is in Å",
+            key="model.descriptor.rcut",
+        )
+
+
 def _pairs(coord: np.ndarray, cell: np.ndarray, pbc: Sequence[bool], rcut: float):
     """Every ordered pair within ``rcut``: i, j [2P], (S [2P, 3] image shift, d [2P] Å, D [2P, 3] Å).
 
@@ -66,6 +91,7 @@ def _pairs(coord: np.ndarray, cell: np.ndarray, pbc: Sequence[bool], rcut: float
     D negated exactly, so pair p and its reverse have bit-identical distances.
     """
     pbc = [bool(p) for p in np.asarray(pbc).reshape(3)]
+    check_neighbor_density(len(coord), cell, pbc, rcut)
     box = np.asarray(cell, dtype=np.float64) if any(pbc) else np.zeros((3, 3))
     nl = vesin.NeighborList(cutoff=float(rcut), full_list=False, n_threads=1)  # one thread: a reproducible pair order
     i, j, S, d, D = nl.compute(np.asarray(coord, dtype=np.float64), box, pbc, quantities="ijSdD")

@@ -18,7 +18,7 @@ import torch
 import xarray as xr
 
 from ..data.frames import formula, type_map_of
-from ..errors import DataError, NeighborOverflowError
+from ..errors import DataError, NeighborOverflowError, TooManyNeighborsError
 from ..model.neighbor import build_neighbor_list, neighbor_counts, overflow_message, padding_vector
 
 
@@ -74,7 +74,10 @@ class TrainSystem:
         partner = np.empty((self.nframes, self.natoms, nnei), dtype=np.int32)
         coord, cell, atype = self.coord.numpy(), self.cell.numpy(), self.atype.numpy()
         for f in range(self.nframes):
-            nl = build_neighbor_list(coord[f], cell[f], self.pbc, atype, rcut, sel)
+            try:
+                nl = build_neighbor_list(coord[f], cell[f], self.pbc, atype, rcut, sel)
+            except TooManyNeighborsError as exc:
+                raise TooManyNeighborsError(f"frame {f}: {exc.message}", path=source, key=exc.key) from None
             if nl.max_overflow:
                 raise NeighborOverflowError(overflow_message(nl.overflow, sel, list(type_map), f"{source} frame {f}"), key="model.descriptor.sel")
             if np.abs(nl.shift).max(initial=0) > 127:
@@ -111,10 +114,13 @@ class TrainSystem:
 def max_neighbor_counts(systems: Sequence[tuple[xr.Dataset, str]], rcut: float, ntypes: int) -> np.ndarray:
     """Largest number of neighbours of each type within rcut over all frames: [ntypes]."""
     best = np.zeros(ntypes, dtype=np.int64)
-    for ds, _ in systems:
+    for ds, source in systems:
         coord, cell, pbc, atype = ds["coord"].values, ds["cell"].values, ds["pbc"].values, ds["atom_type"].values
         for f in range(coord.shape[0]):
-            best = np.maximum(best, neighbor_counts(coord[f], cell[f], pbc, atype, rcut, ntypes).max(0))
+            try:
+                best = np.maximum(best, neighbor_counts(coord[f], cell[f], pbc, atype, rcut, ntypes).max(0))
+            except TooManyNeighborsError as exc:
+                raise TooManyNeighborsError(f"frame {f}: {exc.message}", path=source, key=exc.key) from None
     return best
 
 
