@@ -2,6 +2,7 @@
 # Rules stay declarative; everything computed lives here.
 
 import json
+import os
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -19,6 +20,13 @@ try:
     cross_check(config, source=CONFIG_SOURCE, check_paths=not Path("data/init/frames.nc").exists())
 except ConfigError as exc:
     raise WorkflowError(f"dpelt: invalid configuration: {exc}") from None
+
+# label.timeout reaches `dpelt label` through the environment, not through the rule's command or
+# params: a new or changed limit must not make Snakemake rerun finished label steps.
+if config["label"]["timeout"] is not None:
+    os.environ["DPELT_LABEL_TIMEOUT"] = str(config["label"]["timeout"])
+else:
+    os.environ.pop("DPELT_LABEL_TIMEOUT", None)
 
 
 wildcard_constraints:

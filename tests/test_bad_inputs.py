@@ -47,6 +47,8 @@ CONFIG_CASES = [
     ("train.model.descriptor.type", "se_atten", "train.model.descriptor.type"),
     ("label.oracle.name", "nonexistent_code", "label.oracle.name"),
     ("label.max_failed_ratio", 1.5, "label.max_failed_ratio"),
+    ("label.timeout", 0, "label.timeout"),
+    ("label.timeout", "1h", "label.timeout"),
     ("init.structures[0].file", "x.cif", "init.structures[0]"),
     ("type_map", ["Cu", "Cu"], "type_map"),
     ("train.training.training_data", {"systems": ["a.nc"]}, "train.training.training_data.systems"),

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import h5py
@@ -59,6 +62,22 @@ class BrokenEMT(EMT):
             raise SystemExit("scf gave up")
         if bad and self.mode == "interrupt":
             raise KeyboardInterrupt
+        if bad and self.mode == "hang":  # an SCF loop that never ends
+            while True:
+                time.sleep(0.01)
+        if bad and self.mode == "hang_swallow":  # a calculator whose loop catches every Exception
+            while True:
+                try:
+                    time.sleep(0.01)
+                except Exception:
+                    pass
+        if bad and self.mode in ("hang_child", "hang_run"):  # a file-based code (VASP, CP2K ...) that never returns
+            Path(self.directory).mkdir(parents=True, exist_ok=True)
+            script = "echo $$ > child.pid; sleep 600 & echo $! > grandchild.pid; wait"
+            if self.mode == "hang_run":  # as ASE's Vasp and its profiles run a code: subprocess.run / check_call
+                subprocess.run(script, shell=True, cwd=self.directory, check=True)
+            else:  # as ASE's older shell profile: Popen + wait
+                subprocess.Popen(script, shell=True, cwd=self.directory).wait()
         super().calculate(atoms, properties, system_changes)
         if not bad:
             return
@@ -251,6 +270,71 @@ def test_failed_labels_are_quarantined(tmp_path, mode, reason):
     assert all((out / "tasks" / fid / "result.json").exists() for fid in ids)
     s = label(cand, {"name": dotted(BrokenEMT), "kwargs": {"mode": mode, "on": [3, 7]}}, out, max_failed_ratio=0.25)
     assert (s["failed"], s["labelled"], s["computed"], s["cached"]) == (2, 8, 0, 10)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.parametrize("mode", ["hang", "hang_swallow", "hang_child", "hang_run"])
+def test_a_label_that_hangs_is_stopped_at_the_timeout(tmp_path, mode):
+    """label.timeout: the frame is recorded as failed ("timed out"), the others are labelled, and a
+    file-based code's processes (the shell and what it started) are killed, not left running."""
+    ds = displaced_frames(4)
+    cand = write_candidates(tmp_path / "c.nc", ds)
+    ids = frame_ids(ds)
+    bystander = subprocess.Popen(["sleep", "600"])  # a process that was running before: spared
+    try:
+        t = time.monotonic()
+        s = label(cand, {"name": dotted(BrokenEMT), "kwargs": {"mode": mode, "on": [2]}}, tmp_path / "out", max_failed_ratio=0.5, timeout=1.0)
+        assert time.monotonic() - t < 20
+        assert (s["failed"], s["labelled"]) == (1, 3)
+        (fail,) = json.loads((tmp_path / "out" / "failures.json").read_text())
+        assert fail["frame_id"] == ids[2] and fail["reason"] == "timed out: no result after 1 s (label.timeout)", fail
+        if mode in ("hang_child", "hang_run"):
+            task = tmp_path / "out" / "tasks" / ids[2]
+            pids = [int((task / name).read_text()) for name in ("child.pid", "grandchild.pid")]
+            assert all(_gone(p) for p in pids)
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+    with pytest.raises(ConfigError, match=r"\[timeout\]: must be a number of seconds > 0"):
+        label(cand, "emt", tmp_path / "bad", timeout=-1)
+
+
+def test_time_limit_leaves_a_finished_calculation_alone():
+    import signal
+
+    from pipeline.label.timeout import LabelTimeout, time_limit
+
+    before = signal.getsignal(signal.SIGALRM)
+    with time_limit(5.0):
+        x = sum(range(1000))
+    assert x == 499500 and signal.getsignal(signal.SIGALRM) is before
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    with time_limit(None):
+        time.sleep(0.05)
+    with pytest.raises(LabelTimeout):
+        with time_limit(0.2):
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGALRM) is before
+
+
+def test_cli_label_timeout_from_the_workflow_environment(tmp_path, monkeypatch):
+    from pipeline.label.cli import _timeout
+
+    monkeypatch.delenv("DPELT_LABEL_TIMEOUT", raising=False)
+    assert _timeout(None) is None
+    monkeypatch.setenv("DPELT_LABEL_TIMEOUT", "90")
+    assert _timeout(None) == 90.0 and _timeout(5.0) == 5.0
+    monkeypatch.setenv("DPELT_LABEL_TIMEOUT", "soon")
+    with pytest.raises(ConfigError, match=r"\$DPELT_LABEL_TIMEOUT \[label.timeout\]"):
+        _timeout(None)
 
 
 # ---------------------------------------------------------------- never label twice

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 import traceback
@@ -42,6 +43,7 @@ from ..data.netcdf import read_frames, write_frames
 from ..errors import ConfigError, DpeltError
 from ..fileio import write_json_atomic, write_text_atomic
 from .oracles import Oracle, make_oracle
+from .timeout import LabelTimeout, time_limit
 from .validate import MAX_FORCE, check_label
 
 TASKS_DIR = "tasks"
@@ -137,7 +139,7 @@ def _set_deaths(marker: Path, n: int) -> None:
 MAX_DEATHS = 2
 
 
-def run_task(oracle: Oracle, atoms, task_dir: Path, frame_id: str, max_force: float, retry_failed: bool = False) -> tuple[dict, bool]:
+def run_task(oracle: Oracle, atoms, task_dir: Path, frame_id: str, max_force: float, retry_failed: bool = False, timeout: float | None = None) -> tuple[dict, bool]:
     """Label one frame in ``task_dir`` (or reuse its finished result); returns ``(record, cached)``.
 
     Any exception from the calculator (``SystemExit`` included), and any label
@@ -146,6 +148,8 @@ def run_task(oracle: Oracle, atoms, task_dir: Path, frame_id: str, max_force: fl
     the attempts that never finished: when the labeler process itself died ``MAX_DEATHS``
     times on this frame (a segfault in native code), the task is recorded as failed instead of
     crashing every rerun. A result of another oracle spec is kept aside, not overwritten.
+    ``timeout`` (s): a calculation running longer is stopped, its child processes killed, and
+    recorded as failed (see :mod:`.timeout`).
     """
     spec = _canonical(oracle.spec)
     path = task_dir / RESULT
@@ -173,11 +177,15 @@ def run_task(oracle: Oracle, atoms, task_dir: Path, frame_id: str, max_force: fl
         reason = f"the labeler process died {deaths} times during this task (a crash in native code, or killed) without a result"
     else:
         _set_deaths(marker, deaths + 1)
+        r = None
         try:
-            r = oracle.compute(atoms, task_dir)
+            with time_limit(timeout):
+                r = oracle.compute(atoms, task_dir)
         except (ConfigError, KeyboardInterrupt):  # not a death of the process in this task: undo the count
             _set_deaths(marker, deaths)
             raise
+        except LabelTimeout as exc:  # (the alarm may ring just after the result came: keep it)
+            reason = check_label(r, natoms, periodic, max_force) if r is not None else f"timed out: {exc}"
         except (Exception, SystemExit) as exc:
             message = " ".join(str(exc).split())
             reason = f"calculator raised {type(exc).__name__}" + (f": {message[:500]}" if message else "")
@@ -220,6 +228,7 @@ def label(
     max_force: float = MAX_FORCE,
     retry_failed: bool = False,
     log: Callable[[str], None] | None = None,
+    timeout: float | None = None,
 ) -> dict:
     """Label the frames of ``candidates_path`` with the oracle; write ``out_dir/{frames.nc, failures.json, summary.json}``.
 
@@ -234,6 +243,8 @@ def label(
     max_force : labels with any |F| at or above this (eV/Å) are refused as absurd.
     retry_failed : run again tasks whose earlier result is a failure (default: keep it).
     log : called with one line per task (progress), if given.
+    timeout : wall-clock seconds one calculation may take (None: no limit); a longer one is
+        stopped, its child processes killed, and the frame recorded as failed ("timed out").
 
     Returns the summary dictionary (also written to ``summary.json``).
     """
@@ -241,6 +252,8 @@ def label(
         raise ConfigError(f"must lie in [0, 1], got {max_failed_ratio}", key="max_failed_ratio")
     if not float(max_force) > 0:
         raise ConfigError(f"must be > 0 eV/Å, got {max_force}", key="max_force")
+    if timeout is not None and not (math.isfinite(float(timeout)) and float(timeout) > 0):
+        raise ConfigError(f"must be a number of seconds > 0 (or null: no limit), got {timeout}", key="timeout")
     candidates_path = Path(candidates_path)
     out_dir = Path(out_dir)
     known = [os.fspath(p) for p in known]
@@ -294,7 +307,7 @@ def label(
                         log(f"[{done}/{ntotal}] {fid}: reused a known label")
                     continue
             task_dir = out_dir / TASKS_DIR / fid
-            record, cached = run_task(oracle, images[f], task_dir, fid, max_force, retry_failed)
+            record, cached = run_task(oracle, images[f], task_dir, fid, max_force, retry_failed, timeout)
             counts["cached" if cached else "computed"] += 1
             if record["status"] != "ok":
                 counts["failed"] += 1
