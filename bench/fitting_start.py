@@ -1,6 +1,7 @@
 """Starting points for the fitting nets, tried against DeePMD-kit's random start (not a test).
 
-usage: python bench/fitting_start.py [--seeds 1 2] [--jobs 2] [--data ../shared/data/water]
+usage: python bench/fitting_start.py [--seeds 1 2] [--cases water copper] [--water-steps 500]
+                                    [--copper-steps 1000] [--jobs 2] [--data ../shared/data/water]
 
 dpelt starts every layer as DeePMD-kit does (weights of standard deviation 1/sqrt(n_in + n_out),
 biases 1). The descriptor entries the fitting nets read are small and vary little between
@@ -141,6 +142,7 @@ def worker(case: str, start: str, seed: int, steps: int, data: Path, out: Path) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--cases", nargs="+", choices=["water", "copper"], default=["water", "copper"])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--water-steps", type=int, default=500)
     ap.add_argument("--copper-steps", type=int, default=1000)
@@ -150,11 +152,11 @@ def main() -> None:
     ap.add_argument("--worker", nargs=4, metavar=("CASE", "START", "SEED", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = args.work.resolve()
-    cases = {"copper": (copper_data(work / "copper_data"), args.copper_steps)}
-    if (args.data / "data_0" / "type.raw").exists():
+    cases = {"copper": (copper_data(work / "copper_data"), args.copper_steps)} if "copper" in args.cases else {}
+    if "water" in args.cases and (args.data / "data_0" / "type.raw").exists():
         cases["water"] = (args.data.resolve(), args.water_steps)
-    else:
-        print(f"water data not found at {args.data}: copper only", file=sys.stderr)
+    elif "water" in args.cases:
+        print(f"water data not found at {args.data}: no water case", file=sys.stderr)
     if args.worker:
         case, start, seed, out = args.worker
         data, steps = cases[case]
@@ -166,7 +168,9 @@ def main() -> None:
         out = work / case / f"{start}_seed{seed}"
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "log", "w") as log:
-            subprocess.run([sys.executable, __file__, "--worker", case, start, str(seed), str(out)], env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+            worker_cmd = [sys.executable, __file__, "--worker", case, start, str(seed), str(out), "--data", str(args.data), "--work", str(work),
+                          "--water-steps", str(args.water_steps), "--copper-steps", str(args.copper_steps)]
+            subprocess.run(worker_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
         return json.loads((out / "result.json").read_text())
 
     jobs = [(c, s, seed) for c in cases for s in STARTS for seed in args.seeds]
@@ -187,7 +191,7 @@ def main() -> None:
             summary[c][s] = {"force_rmse_mean": f, "energy_rmse_per_atom_mean": e, "force_ratio_to_deepmd_start": f / f0, "energy_ratio_to_deepmd_start": e / e0}
     result = {
         "what": "test RMSE after the same steps from four starting points of the fitting nets (one thread per run)",
-        "command": f"python bench/fitting_start.py --seeds {' '.join(map(str, args.seeds))} --water-steps {args.water_steps} --copper-steps {args.copper_steps}",
+        "command": f"python bench/fitting_start.py --seeds {' '.join(map(str, args.seeds))} --cases {' '.join(args.cases)} --water-steps {args.water_steps} --copper-steps {args.copper_steps}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "summary": summary,
         "runs": runs,
