@@ -264,6 +264,9 @@ def test_absurd_cutoff_refused_in_evaluation():
     cell = np.eye(3) * 3.6
     check_neighbor_density(4, cell, [True] * 3, 6.0)  # fcc copper, ~80 neighbours: fine
     check_neighbor_density(4, cell, [True, True, False], 1000.0)  # not fully periodic: bounded, not checked
+    check_neighbor_density(4, cell * np.nan, [True] * 3, 6.0)  # a non-finite cell is reported by the data checks and MD guards
+    with pytest.raises(DpeltError, match=r"cell of 0 Å³"):
+        check_neighbor_density(4, np.zeros((3, 3)), [True] * 3, 6.0)
     with pytest.raises(DpeltError, match=r"\[model.descriptor.rcut\]: md frame 0: rcut = 60 Å would put about 7.\d+e\+04 atoms"):
         frame_inputs(np.zeros((1, 4, 3)) + np.arange(4)[None, :, None], cell[None], [True] * 3, np.zeros(4, dtype=np.int64), 60.0, [100], ["Cu"], where="md frame")
     assert MAX_NEIGHBORS_PER_ATOM >= 10000
