@@ -115,7 +115,7 @@ def test_init_and_holdout_do_not_depend_on_label_failure_policy(tmp_path):
     assert commands[0] and commands[0] == commands[1], commands  # (holdout is planned after the first checkpoint)
 
 
-def test_two_iteration_run(finished_run):
+def test_two_iteration_run(finished_run, tmp_path):
     run = finished_run
     summary = json.loads((run / "reports" / "summary.json").read_text())
     assert summary["iterations"] == 2 and summary["finished"]
@@ -136,6 +136,13 @@ def test_two_iteration_run(finished_run):
     assert rows[0].startswith("iteration,stage") and len(rows) == 3
     # nothing left to do
     assert "Nothing to be done" in snakemake(run, "-n").stdout
+    # label.timeout reached `dpelt label` (600 s in config/test.yaml), and changing it reruns nothing
+    for i in ("000", "001"):
+        assert json.loads((run / f"iter/{i}/label/summary.json").read_text())["timeout_s"] == 600.0
+    cfg = yaml.safe_load((run / "config" / "test.yaml").read_text())
+    cfg["label"]["timeout"] = 30
+    (tmp_path / "timeout30.yaml").write_text(yaml.safe_dump(cfg))
+    assert "Nothing to be done" in snakemake(run, "-n", configfile=str(tmp_path / "timeout30.yaml")).stdout
 
 
 def test_same_config_gives_identical_files_with_any_cores(tmp_path, finished_run):

@@ -356,6 +356,7 @@ def label(
         "failed_ratio": ratio,
         "max_failed_ratio": float(max_failed_ratio),
         "max_force": float(max_force),
+        "timeout_s": None if timeout is None else float(timeout),
         "status": "too_many_failures" if too_many else "ok",
         "warnings": warnings,
     }
