@@ -77,8 +77,6 @@ def check_neighbor_density(natoms: int, cell: np.ndarray, pbc: Sequence[bool], r
     if not np.isfinite(cell).all():  # a non-finite cell: the data checks and MD guards report it
         return
     volume = abs(float(np.linalg.det(cell)))
-    if not math.isfinite(volume):
-        return
     expected = natoms / volume * 4.0 / 3.0 * math.pi * rcut**3 if volume > 0 else math.inf
     if expected > MAX_NEIGHBORS_PER_ATOM:
         raise TooManyNeighborsError(
