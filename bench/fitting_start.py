@@ -1,7 +1,7 @@
 """Starting points for the fitting nets, tried against DeePMD-kit's random start (not a test).
 
 usage: python bench/fitting_start.py [--seeds 1 2] [--cases water copper] [--water-steps 500]
-                                    [--copper-steps 1000] [--jobs 2] [--data ../shared/data/water]
+                                    [--copper-steps 1000] [--starts ...] [--jobs 2] [--data ../shared/data/water]
 
 dpelt starts every layer as DeePMD-kit does (weights of standard deviation 1/sqrt(n_in + n_out),
 biases 1). The descriptor entries the fitting nets read are small and vary little between
@@ -14,7 +14,10 @@ data-dependent starts that look like fixes, on two cases, each run on one thread
   standardised over the statistics frames (W_j ← W_j/σ_j, b ← b − Σ_j μ_j W_j/σ_j), plus
   ``silent_output``;
 * ``unit_rms``: the same with one scale per element, the root mean square of its descriptor
-  entries, instead of σ_j, plus ``silent_output``.
+  entries, instead of σ_j, plus ``silent_output``;
+* ``standardised_only``, ``unit_rms_only``: the same rescaling, output layer left random;
+* ``centred``: only the mean is taken out (b ← b − Σ_j μ_j W_j), weights and output layer
+  untouched, so the first layer's random offset W·μ is gone but its sensitivity is unchanged.
 
 Cases: ``water`` (DeePMD-kit's water se_e2_a input, schedule compressed to --water-steps,
 test on data_3) and ``copper`` (32-atom EMT copper at 300/900 K, this project's default run's
@@ -39,7 +42,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STARTS = ("deepmd", "silent_output", "standardised", "unit_rms")
+STARTS = ("deepmd", "silent_output", "standardised", "unit_rms", "standardised_only", "unit_rms_only", "centred")
 
 
 def copper_data(where: Path) -> Path:
@@ -91,7 +94,7 @@ def apply_start(model, systems, start: str) -> None:
     if start == "deepmd":
         return
     with torch.no_grad():
-        if start in ("standardised", "unit_rms"):
+        if start != "silent_output":
             rows = [[] for _ in range(model.ntypes)]
             for s in systems:
                 b = s.batch(list(range(min(10, s.nframes))))  # the first 10 frames of each system
@@ -103,15 +106,19 @@ def apply_start(model, systems, start: str) -> None:
                     continue
                 x = torch.cat(rows[t])  # [n, dim]
                 mean = x.mean(0)
-                if start == "standardised":
+                if start.startswith("standardised"):
                     sd = x.std(0)
                     scale = torch.clamp(sd, min=1e-3 * float(sd.pow(2).mean().sqrt()))
+                elif start == "centred":
+                    scale = torch.ones_like(mean)
                 else:
                     scale = torch.full_like(mean, float(x.pow(2).mean().sqrt()))
                 layer = net.layers[0]
                 layer.weight.div_(scale.to(layer.weight.dtype)[:, None])
                 layer.bias.sub_(mean.to(layer.weight.dtype) @ layer.weight)
                 print(f"type {t}: descriptor |mean| {float(mean.abs().mean()):.3g}, std {float(x.std(0).mean()):.3g}, rms {float(x.pow(2).mean().sqrt()):.3g}", file=sys.stderr)
+        if start.endswith("_only") or start == "centred":
+            return
         for net in model.fitting.nets:
             net.layers[-1].weight.zero_()
             net.layers[-1].bias.zero_()
@@ -143,6 +150,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--cases", nargs="+", choices=["water", "copper"], default=["water", "copper"])
+    ap.add_argument("--starts", nargs="+", choices=STARTS, default=list(STARTS[:4]), help="starts to run (deepmd is always run: it is the reference)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--water-steps", type=int, default=500)
     ap.add_argument("--copper-steps", type=int, default=1000)
@@ -173,7 +181,8 @@ def main() -> None:
             subprocess.run(worker_cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
         return json.loads((out / "result.json").read_text())
 
-    jobs = [(c, s, seed) for c in cases for s in STARTS for seed in args.seeds]
+    starts = ["deepmd"] + [s for s in args.starts if s != "deepmd"]
+    jobs = [(c, s, seed) for c in cases for s in starts for seed in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         done = list(pool.map(lambda j: run(*j), jobs))
     runs: dict = {}
@@ -191,7 +200,7 @@ def main() -> None:
             summary[c][s] = {"force_rmse_mean": f, "energy_rmse_per_atom_mean": e, "force_ratio_to_deepmd_start": f / f0, "energy_ratio_to_deepmd_start": e / e0}
     result = {
         "what": "test RMSE after the same steps from four starting points of the fitting nets (one thread per run)",
-        "command": f"python bench/fitting_start.py --seeds {' '.join(map(str, args.seeds))} --cases {' '.join(args.cases)} --water-steps {args.water_steps} --copper-steps {args.copper_steps}",
+        "command": f"python bench/fitting_start.py --seeds {' '.join(map(str, args.seeds))} --cases {' '.join(args.cases)} --starts {' '.join(starts)} --water-steps {args.water_steps} --copper-steps {args.copper_steps}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "summary": summary,
         "runs": runs,

@@ -1,6 +1,6 @@
 """Accuracy of dpelt vs DeePMD-kit on the water example over several seeds (not a test).
 
-usage: python bench/water_seeds.py [--seeds 1 2 3] [--steps 1500] [--jobs 2]
+usage: python bench/water_seeds.py [--seeds 1 2 3] [--steps 1500] [--jobs 2] [--keep-earlier] [--dpelt-first]
                                    [--data ../shared/data/water] [--venv bench/work/deepmd-venv]
 
 One training run per code and seed, from the same input.json as bench/water.py (the DeePMD-kit
@@ -14,7 +14,12 @@ mean and sample standard deviation, and the ratio of the means dpelt / DeePMD-ki
 per code cannot tell a 5 % difference from seed-to-seed spread; this can. Runs finished by an
 earlier invocation (``result.json`` in their work directory) are reused, so adding seeds only
 trains the new ones; dpelt's runs are reused only if dpelt's sources (sha256 of pipeline/)
-are unchanged.
+are unchanged. ``--keep-earlier`` also keeps the per-seed results already in --out (same
+steps) whose work directories are gone, whatever dpelt source produced them: each keeps the
+source hash it was trained with, so the JSON says which code gave which seed.
+
+The summary adds Welch's t statistic for the difference of the mean force RMSEs and a
+bootstrap 90 % interval of the ratio of means (10 000 resamples of the seeds, fixed RNG seed).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -125,6 +131,29 @@ def summary(runs: dict) -> dict:
     return out
 
 
+def welch_t(a: list[float], b: list[float]) -> float:
+    """Welch's t for mean(a) − mean(b) (no equal-variance assumption)."""
+    se2 = statistics.variance(a) / len(a) + statistics.variance(b) / len(b)
+    return (statistics.fmean(a) - statistics.fmean(b)) / se2**0.5
+
+
+def bootstrap_ratio(a: list[float], b: list[float], level: float = 0.9, n: int = 10000, seed: int = 0) -> list[float]:
+    """Percentile bootstrap interval of mean(a)/mean(b), resampling the seeds of each code."""
+    rng = random.Random(seed)
+    ratios = sorted(statistics.fmean(rng.choices(a, k=len(a))) / statistics.fmean(rng.choices(b, k=len(b))) for _ in range(n))
+    lo = ratios[int((1 - level) / 2 * n)]
+    hi = ratios[int((1 + level) / 2 * n) - 1]
+    return [lo, hi]
+
+
+def earlier_results(out: Path, steps: int) -> dict:
+    """Per-seed results of an earlier invocation with the same steps, from its JSON."""
+    if not out.exists():
+        return {}
+    old = json.loads(out.read_text())
+    return old.get("per_seed", {}) if old.get("steps") == steps else {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -134,6 +163,8 @@ def main() -> None:
     ap.add_argument("--venv", type=Path, default=HERE / "work" / "deepmd-venv")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "water_seeds")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "water_seeds.json")
+    ap.add_argument("--dpelt-first", action="store_true", help="train dpelt's runs first (its sources may be edited once they are done)")
+    ap.add_argument("--keep-earlier", action="store_true", help="keep the per-seed results already in --out (see above)")
     args = ap.parse_args()
     if not (args.data / "data_0" / "type.raw").exists():
         sys.exit(f"water data not found at {args.data}")
@@ -141,21 +172,28 @@ def main() -> None:
         subprocess.run(["bash", str(HERE / "deepmd" / "setup_venv.sh"), str(args.venv)], check=True)
     data = args.data.resolve()
     base = args.work.resolve() / f"steps{args.steps}"  # finished runs here are reused (see reuse_or_run)
-    jobs = []
-    for seed in args.seeds:  # the slow DeePMD-kit runs first, so the two lanes finish together
-        jobs.append(("deepmd", seed, lambda s=seed: deepmd_run(data, base / f"deepmd_seed{s}", args.steps, s, args.venv.resolve())))
-    for seed in args.seeds:
-        jobs.append(("dpelt", seed, lambda s=seed: dpelt_run(data, base / f"dpelt_seed{s}", args.steps, s)))
+    deepmd_jobs = [("deepmd", seed, lambda s=seed: deepmd_run(data, base / f"deepmd_seed{s}", args.steps, s, args.venv.resolve())) for seed in args.seeds]
+    dpelt_jobs = [("dpelt", seed, lambda s=seed: dpelt_run(data, base / f"dpelt_seed{s}", args.steps, s)) for seed in args.seeds]
+    # by default the slow DeePMD-kit runs first, so the two lanes finish together
+    jobs = dpelt_jobs + deepmd_jobs if args.dpelt_first else deepmd_jobs + dpelt_jobs
     results: dict = {"dpelt": {}, "deepmd": {}}
+    if args.keep_earlier:
+        for code, by_seed in earlier_results(args.out, args.steps).items():
+            for seed, r in by_seed.items():
+                if int(seed) in args.seeds and not (base / f"{code}_seed{seed}" / "result.json").exists():
+                    results[code][seed] = r
+                    print(code, seed, "kept from", args.out, json.dumps(r), flush=True)
+        jobs = [j for j in jobs if str(j[1]) not in results[j[0]]]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         identity = {"dpelt": {"dpelt_source_sha256": dpelt_source_sha256()}, "deepmd": {}}
         futures = [(code, seed, pool.submit(reuse_or_run, base / f"{code}_seed{seed}", fn, identity[code])) for code, seed, fn in jobs]
         for code, seed, fut in futures:
             results[code][str(seed)] = fut.result()
             print(code, seed, json.dumps(results[code][str(seed)]), flush=True)
+    results = {code: dict(sorted(by_seed.items(), key=lambda kv: int(kv[0]))) for code, by_seed in results.items()}
     result = {
         "what": "test RMSE on data_3 after the same steps, several seeds per code, water se_e2_a example input (one thread per run)",
-        "command": f"python bench/water_seeds.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}",
+        "command": f"python bench/water_seeds.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}" + (" --keep-earlier" if args.keep_earlier else ""),
         "steps": args.steps,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "per_seed": results,
@@ -165,11 +203,19 @@ def main() -> None:
     result["ratio_of_means_dpelt_over_deepmd"] = {
         k: result["dpelt"][k]["mean"] / result["deepmd"][k]["mean"] for k in ("rmse_e_per_atom_eV", "rmse_f_eV_per_A")
     }
+    f_dpelt = [r["rmse_f_eV_per_A"] for r in results["dpelt"].values()]
+    f_deepmd = [r["rmse_f_eV_per_A"] for r in results["deepmd"].values()]
+    if min(len(f_dpelt), len(f_deepmd)) > 1:
+        result["force_rmse_comparison"] = {
+            "welch_t_dpelt_minus_deepmd": welch_t(f_dpelt, f_deepmd),
+            "ratio_of_means_bootstrap_90pct": bootstrap_ratio(f_dpelt, f_deepmd),
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, args.out)
     print(json.dumps(result["ratio_of_means_dpelt_over_deepmd"], indent=2))
+    print(json.dumps(result.get("force_rmse_comparison"), indent=2))
     print(f"wrote {args.out}")
 
 
