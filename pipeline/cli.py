@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .errors import DpeltError
 from .interop.cli import add_interop_parsers
-from .label.cli import add_label_parser
+from .label.cli import TIMEOUT_HELP, add_label_parser, label_timeout
 
 
 def _spec(text: str | None, what: str) -> dict:
@@ -189,7 +189,7 @@ def _cmd_init(args: argparse.Namespace) -> None:
     init = parse_init_spec(spec.get("init", {}), source="--spec")
     oracle = spec.get("label", {}).get("oracle", {"name": "emt"})
     max_force = spec.get("label", {}).get("max_force", 50.0)
-    s = make_init(init, oracle, spec["type_map"], args.output, args.seed, args.workdir, max_force=max_force)
+    s = make_init(init, oracle, spec["type_map"], args.output, args.seed, args.workdir, max_force=max_force, timeout=label_timeout(args.timeout))
     print("; ".join(f"{x['system']}: {x['frames']} frames of {x['natoms']} atoms" for x in s["systems"]) + (f"; {len(s['failures'])} failed labels" if s["failures"] else ""))
 
 
@@ -204,7 +204,7 @@ def _cmd_holdout(args: argparse.Namespace) -> None:
     md = OracleMDSpec(trj_freq=h.get("trj_freq", 20), dt_fs=h.get("dt_fs", 2.0), equilibration=h.get("equilibration", 200))
     oracle = spec.get("label", {}).get("oracle", {"name": "emt"})
     max_force = spec.get("label", {}).get("max_force", 50.0)
-    s = make_holdout(init, spec["systems"], spec["temperatures_K"], h.get("frames", 10), md, oracle, spec["type_map"], args.output, args.seed, args.workdir, max_force)
+    s = make_holdout(init, spec["systems"], spec["temperatures_K"], h.get("frames", 10), md, oracle, spec["type_map"], args.output, args.seed, args.workdir, max_force, timeout=label_timeout(args.timeout))
     print("; ".join(f"{x['system']}: {x['frames']} frames" for x in s["systems"]) + (f"; {len(s['failures'])} failed labels" if s["failures"] else ""))
     for failure in s["failures"]:
         print(f"  {failure}")
@@ -382,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--workdir", default="work/init", help="directory for the oracle's task files")
     i.add_argument("--seed", type=int, required=True)
     i.add_argument("--threads", type=int, default=1)
+    i.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
     i.set_defaults(func=_cmd_init)
 
     h = sub.add_parser("holdout", help="build the held-out oracle MD frames of a run")
@@ -390,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--workdir", default="work/holdout")
     h.add_argument("--seed", type=int, required=True)
     h.add_argument("--threads", type=int, default=1)
+    h.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
     h.set_defaults(func=_cmd_holdout)
 
     ev = sub.add_parser("evaluate", help="errors of an ensemble (members and mean) on labelled frames")

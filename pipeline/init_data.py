@@ -34,11 +34,13 @@ from .data.netcdf import write_frames
 from .errors import ConfigError, DataError, DpeltError
 from .fileio import write_json_atomic
 from .label.oracles import Oracle, label_results, make_oracle
+from .label.timeout import LabelTimeout, checked_seconds, running_children, time_limit
 from .label.validate import check_label, scf_converged
 from .seeds import derive_seed
 from .units import fs_to_ase_time
 
 LATTICES = ("fcc", "bcc", "hcp", "diamond", "sc")
+_END = object()  # end of an MD generator
 MIN_DISTANCE = 0.5  # Å: closer atoms in a (scaled) init structure are refused, as explore.guards.min_distance does in MD
 
 
@@ -168,16 +170,22 @@ def _labelled(atoms: ase.Atoms, result: dict, max_force: float) -> tuple[ase.Ato
     return snap, ""
 
 
-def single_points(images: Sequence[ase.Atoms], oracle: Oracle, workdir: Path, max_force: float) -> tuple[list[ase.Atoms], list[str]]:
-    """Label each image; failed labels are skipped and their reasons returned."""
+def single_points(images: Sequence[ase.Atoms], oracle: Oracle, workdir: Path, max_force: float, timeout: float | None = None) -> tuple[list[ase.Atoms], list[str]]:
+    """Label each image; failed labels are skipped and their reasons returned. A calculation
+    running longer than ``timeout`` s (``label.timeout``) is stopped and fails."""
     out, failures = [], []
     for k, atoms in enumerate(images):
         d = workdir / f"sp.{k:05d}"
         d.mkdir(parents=True, exist_ok=True)
+        result = None
         try:
-            lab, reason = _labelled(atoms, oracle.compute(atoms, d), max_force)
+            with time_limit(timeout):
+                result = oracle.compute(atoms, d)
+            lab, reason = _labelled(atoms, result, max_force)
         except DpeltError:
             raise
+        except LabelTimeout as exc:  # (the alarm may ring just after the result came: keep it)
+            lab, reason = _labelled(atoms, result, max_force) if result is not None else (None, f"timed out: {exc}")
         except Exception as exc:  # a crashed calculation is a failed label, not a failed step
             lab, reason = None, f"{type(exc).__name__}: {exc}"
         if lab is None:
@@ -188,14 +196,24 @@ def single_points(images: Sequence[ase.Atoms], oracle: Oracle, workdir: Path, ma
 
 
 def oracle_md(
-    atoms: ase.Atoms, oracle: Oracle, md: OracleMDSpec, rng: np.random.Generator, workdir: Path, max_force: float, tag: str, failures: list[str] | None = None
+    atoms: ase.Atoms,
+    oracle: Oracle,
+    md: OracleMDSpec,
+    rng: np.random.Generator,
+    workdir: Path,
+    max_force: float,
+    tag: str,
+    failures: list[str] | None = None,
+    timeout: float | None = None,
 ) -> list[ase.Atoms]:
     """Langevin MD driven by the oracle (ab initio MD); every ``trj_freq`` steps after
     ``equilibration`` a labelled snapshot is kept. A failed label (crash, SCF not converged,
-    non-finite or excessive forces) stops the run; its reason is appended to ``failures``."""
+    non-finite or excessive forces, a step longer than ``timeout`` s) stops the run; its reason
+    is appended to ``failures``."""
     if md.nsteps <= 0:
         return []
     workdir.mkdir(parents=True, exist_ok=True)
+    spare = running_children() if timeout else None  # a hung step also kills what earlier steps started
     a = atoms.copy()
     a.calc = oracle.calculator(workdir)
     thermalize_momenta(a, temperature_K=md.temperature_K, rng=rng)
@@ -203,8 +221,13 @@ def oracle_md(
     dyn = Langevin(a, timestep=fs_to_ase_time(md.dt_fs), temperature_K=md.temperature_K, friction=0.01, fixcm=False, rng=rng)
     kept: list[ase.Atoms] = []
     step, reason = 0, ""
+    steps = dyn.irun(steps=md.equilibration + md.nsteps)  # each next(): one oracle calculation
     try:
-        for _ in dyn.irun(steps=md.equilibration + md.nsteps):
+        while True:
+            with time_limit(timeout, spare):
+                done = next(steps, _END) is _END
+            if done:
+                break
             step = dyn.nsteps
             converged = scf_converged(a.calc)
             if converged is False:  # an unconverged SCF drives no further step, kept or not
@@ -219,6 +242,8 @@ def oracle_md(
             kept.append(lab)
     except DpeltError:
         raise
+    except LabelTimeout as exc:  # what it labelled before is kept
+        reason = f"timed out: {exc}"
     except Exception as exc:  # a crashed calculation ends this MD run; what it labelled is kept
         reason = f"{type(exc).__name__}: {exc}"
     if reason and failures is not None:
@@ -237,10 +262,22 @@ def _to_systems(images_by_name: dict[str, list[ase.Atoms]], type_map: Sequence[s
     return systems
 
 
-def make_init(spec: InitSpec, oracle_spec: dict, type_map: Sequence[str], out: str | os.PathLike, seed: int, workdir: str | os.PathLike, max_force: float = 50.0, base: Path = Path(".")) -> dict:
-    """Build the labelled initial data set into ``out`` (one group per system)."""
+def make_init(
+    spec: InitSpec,
+    oracle_spec: dict,
+    type_map: Sequence[str],
+    out: str | os.PathLike,
+    seed: int,
+    workdir: str | os.PathLike,
+    max_force: float = 50.0,
+    base: Path = Path("."),
+    timeout: float | None = None,
+) -> dict:
+    """Build the labelled initial data set into ``out`` (one group per system). ``timeout``:
+    wall-clock seconds one oracle calculation may take (``label.timeout``; None: no limit)."""
     out, workdir = Path(out), Path(workdir)
     oracle = make_oracle(oracle_spec)
+    timeout = checked_seconds(timeout)  # refused before any oracle work
     images_by_name: dict[str, list[ase.Atoms]] = {}
     failures: list[str] = []
     imported = []  # read first: a bad file is found before any oracle work
@@ -272,25 +309,45 @@ def make_init(spec: InitSpec, oracle_spec: dict, type_map: Sequence[str], out: s
             scaled = scaled_copy(atoms, f)
             scaled.info["source_task"] = f"init:{s.name}:scale{f:g}"
             todo = [scaled] + perturbed(scaled, spec.perturb, rng)
-            labelled, failed = single_points(todo, oracle, workdir / s.name / f"scale{k}", max_force)
+            labelled, failed = single_points(todo, oracle, workdir / s.name / f"scale{k}", max_force, timeout)
             images += labelled
             failures += failed
-            images += oracle_md(scaled, oracle, spec.md, rng, workdir / s.name / f"md{k}", max_force, f"init:{s.name}:md{f:g}", failures)
+            images += oracle_md(scaled, oracle, spec.md, rng, workdir / s.name / f"md{k}", max_force, f"init:{s.name}:md{f:g}", failures, timeout)
         images_by_name[s.name] = images
     systems = _to_systems(images_by_name, type_map, oracle.name, "init")
     systems += imported
     if not systems:
         raise DataError("no labelled initial frame was produced", path=out)
     write_frames(out, systems)
-    summary = {"systems": [{"system": ds.attrs["system"], "frames": int(ds.sizes["frame"]), "natoms": int(ds.sizes["atom"])} for ds in systems], "failures": failures}
+    summary = {
+        "systems": [{"system": ds.attrs["system"], "frames": int(ds.sizes["frame"]), "natoms": int(ds.sizes["atom"])} for ds in systems],
+        "failures": failures,
+        "timeout_s": timeout,
+    }
     write_json_atomic(out.with_suffix(".json"), summary)
     return summary
 
 
-def make_holdout(spec: InitSpec, systems: Sequence[str], temperatures: Sequence[float], frames: int, md: OracleMDSpec, oracle_spec: dict, type_map: Sequence[str], out: str | os.PathLike, seed: int, workdir: str | os.PathLike, max_force: float = 50.0, base: Path = Path(".")) -> dict:
-    """Held-out frames: oracle MD from each named structure at each temperature, ``frames`` kept each."""
+def make_holdout(
+    spec: InitSpec,
+    systems: Sequence[str],
+    temperatures: Sequence[float],
+    frames: int,
+    md: OracleMDSpec,
+    oracle_spec: dict,
+    type_map: Sequence[str],
+    out: str | os.PathLike,
+    seed: int,
+    workdir: str | os.PathLike,
+    max_force: float = 50.0,
+    base: Path = Path("."),
+    timeout: float | None = None,
+) -> dict:
+    """Held-out frames: oracle MD from each named structure at each temperature, ``frames`` kept
+    each; ``timeout`` as in :func:`make_init`."""
     out, workdir = Path(out), Path(workdir)
     oracle = make_oracle(oracle_spec)
+    timeout = checked_seconds(timeout)  # refused before any oracle work
     by_name = {s.name: s for s in spec.structures}
     images_by_name: dict[str, list[ase.Atoms]] = {}
     failures: list[str] = []
@@ -301,12 +358,12 @@ def make_holdout(spec: InitSpec, systems: Sequence[str], temperatures: Sequence[
         atoms = build_structure(by_name[name], rng, base)
         for T in sorted(set(float(t) for t in temperatures)):
             run = OracleMDSpec(temperature_K=T, nsteps=frames * md.trj_freq, trj_freq=md.trj_freq, dt_fs=md.dt_fs, equilibration=md.equilibration)
-            kept = oracle_md(atoms, oracle, run, rng, workdir / name / f"T{T:g}", max_force, f"holdout:{name}:T{T:g}", failures)
+            kept = oracle_md(atoms, oracle, run, rng, workdir / name / f"T{T:g}", max_force, f"holdout:{name}:T{T:g}", failures, timeout)
             if not kept:  # an empty held-out set would make every later evaluation meaningless
                 raise DataError(f"oracle MD for the held-out frames of {name!r} at {T:g} K kept no frame: {failures[-1] if failures else 'no frame reached'}", path=out, key="label.oracle")
             images_by_name.setdefault(name, []).extend(kept)
     systems_out = _to_systems(images_by_name, type_map, oracle.name, "holdout")
     write_frames(out, systems_out)
-    summary = {"systems": [{"system": ds.attrs["system"], "frames": int(ds.sizes["frame"])} for ds in systems_out], "temperatures_K": sorted(set(float(t) for t in temperatures)), "failures": failures}
+    summary = {"systems": [{"system": ds.attrs["system"], "frames": int(ds.sizes["frame"])} for ds in systems_out], "temperatures_K": sorted(set(float(t) for t in temperatures)), "failures": failures, "timeout_s": timeout}
     write_json_atomic(out.with_suffix(".json"), summary)
     return summary

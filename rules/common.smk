@@ -21,8 +21,8 @@ try:
 except ConfigError as exc:
     raise WorkflowError(f"dpelt: invalid configuration: {exc}") from None
 
-# label.timeout reaches `dpelt label` through the environment, not through the rule's command or
-# params: a new or changed limit must not make Snakemake rerun finished label steps.
+# label.timeout reaches `dpelt label`, `dpelt init` and `dpelt holdout` through the environment, not
+# through the rules' commands or params: a new or changed limit must not rerun finished steps.
 if config["label"]["timeout"] is not None:
     os.environ.update(DPELT_LABEL_TIMEOUT=str(config["label"]["timeout"]))  # (set, not read: no envvars directive)
 else:

@@ -28,3 +28,27 @@ class CrashingEMT(_CountingEMT):
         if self.calls + 1 >= self.fail_after:
             raise RuntimeError("segfault in SCF")
         super().calculate(*args, **kwargs)
+
+
+class HangingEMT(_CountingEMT):
+    """A file-based code that never returns: from its ``fail_after``-th calculation on (or, with
+    ``hang_in``, in the task directory of that name) it runs a shell that waits on a ``sleep``
+    (pid in ``hang.pid``). With ``server``, its first calculation also starts a long-lived
+    process (pid in ``server.pid``), as a socket calculator starts its code once per MD run."""
+
+    def __init__(self, fail_after: int = 3, server: bool = False, hang_in: str | None = None, **kwargs):
+        super().__init__(fail_after, **kwargs)
+        self.server, self.hang_in = server, hang_in
+
+    def calculate(self, *args, **kwargs):
+        import subprocess
+        from pathlib import Path
+
+        super().calculate(*args, **kwargs)
+        where = Path(self.directory)
+        if self.server and self.calls == 1:
+            where.mkdir(parents=True, exist_ok=True)
+            (where / "server.pid").write_text(str(subprocess.Popen(["sleep", "600"]).pid))
+        if (where.name == self.hang_in) if self.hang_in else self.calls >= self.fail_after:
+            where.mkdir(parents=True, exist_ok=True)
+            subprocess.run("sleep 600 & echo $! > hang.pid; wait", shell=True, cwd=where, check=True)

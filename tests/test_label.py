@@ -326,15 +326,15 @@ def test_time_limit_leaves_a_finished_calculation_alone():
 
 
 def test_cli_label_timeout_from_the_workflow_environment(tmp_path, monkeypatch):
-    from pipeline.label.cli import _timeout
+    from pipeline.label.cli import label_timeout
 
     monkeypatch.delenv("DPELT_LABEL_TIMEOUT", raising=False)
-    assert _timeout(None) is None
+    assert label_timeout(None) is None
     monkeypatch.setenv("DPELT_LABEL_TIMEOUT", "90")
-    assert _timeout(None) == 90.0 and _timeout(5.0) == 5.0
+    assert label_timeout(None) == 90.0 and label_timeout(5.0) == 5.0
     monkeypatch.setenv("DPELT_LABEL_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match=r"\$DPELT_LABEL_TIMEOUT \[label.timeout\]"):
-        _timeout(None)
+        label_timeout(None)
 
 
 # ---------------------------------------------------------------- never label twice
@@ -592,6 +592,42 @@ def test_oracle_md_of_init_and_holdout_keeps_only_good_labels(tmp_path, oracle, 
     assert reason in failure and "holdout:cu:T300" in failure, failure
     # the frames labelled before the failure are kept, none after it
     assert summary["systems"][0]["frames"] == 2
+
+
+def test_init_and_holdout_stop_a_hung_calculation_at_the_timeout(tmp_path):
+    """label.timeout also bounds the oracle work of init (single points, oracle MD) and holdout:
+    the hung calculation is a failed label, what came before is kept, and the code's processes,
+    including a server its first MD step started, are killed; a process running before is spared."""
+    from pipeline.init_data import OracleMDSpec, make_holdout, make_init, parse_init_spec
+
+    cu = {"name": "cu", "lattice": "fcc", "elements": ["Cu"], "a": 3.61, "repeat": [2, 2, 2]}
+    bystander = subprocess.Popen(["sleep", "600"])
+    try:
+        t = time.monotonic()
+        spec = parse_init_spec({"structures": [cu]})
+        oracle = {"name": "bad_oracles.HangingEMT", "kwargs": {"fail_after": 12, "server": True}}
+        summary = make_holdout(spec, ["cu"], [300.0], 8, OracleMDSpec(trj_freq=5), oracle, ["Cu"], tmp_path / "h.nc", 1, tmp_path / "h", timeout=1.0)
+        assert time.monotonic() - t < 20
+        (failure,) = summary["failures"]
+        assert "holdout:cu:T300" in failure and "timed out: no result after 1 s (label.timeout)" in failure, failure
+        assert summary["systems"][0]["frames"] == 2 and summary["timeout_s"] == 1.0  # the frames before the hang are kept
+        task = tmp_path / "h" / "cu" / "T300"
+        assert all(_gone(int((task / name).read_text())) for name in ("server.pid", "hang.pid"))
+
+        spec = parse_init_spec({"structures": [cu], "perturb": {"count": 2}})
+        oracle = {"name": "bad_oracles.HangingEMT", "kwargs": {"hang_in": "sp.00001"}}
+        summary = make_init(spec, oracle, ["Cu"], tmp_path / "init.nc", 1, tmp_path / "i", timeout=1.0)
+        (failure,) = summary["failures"]
+        assert failure.endswith("#1: timed out: no result after 1 s (label.timeout)"), failure
+        assert summary["systems"][0]["frames"] == 2
+        assert _gone(int((tmp_path / "i" / "cu" / "scale0" / "sp.00001" / "hang.pid").read_text()))
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+    with pytest.raises(ConfigError, match=r"\[label\.timeout\]: must be a number of seconds > 0"):
+        make_init(spec, {"name": "emt"}, ["Cu"], tmp_path / "bad.nc", 1, tmp_path / "b", timeout=0)
+    assert not (tmp_path / "b").exists()
 
 
 def test_init_of_a_slab_mixes_single_points_and_oracle_md(tmp_path, monkeypatch):

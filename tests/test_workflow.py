@@ -136,9 +136,10 @@ def test_two_iteration_run(finished_run, tmp_path):
     assert rows[0].startswith("iteration,stage") and len(rows) == 3
     # nothing left to do
     assert "Nothing to be done" in snakemake(run, "-n").stdout
-    # label.timeout reached `dpelt label` (600 s in config/test.yaml), and changing it reruns nothing
-    for i in ("000", "001"):
-        assert json.loads((run / f"iter/{i}/label/summary.json").read_text())["timeout_s"] == 600.0
+    # label.timeout reached `dpelt label`, `dpelt init` and `dpelt holdout` (600 s in config/test.yaml),
+    # and changing it reruns nothing
+    for summary in ("iter/000/label/summary.json", "iter/001/label/summary.json", "data/init/frames.json", "data/holdout/frames.json"):
+        assert json.loads((run / summary).read_text())["timeout_s"] == 600.0, summary
     cfg = yaml.safe_load((run / "config" / "test.yaml").read_text())
     cfg["label"]["timeout"] = 30
     (tmp_path / "timeout30.yaml").write_text(yaml.safe_dump(cfg))

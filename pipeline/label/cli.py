@@ -24,7 +24,10 @@ def _oracle_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
-def _timeout(given: float | None) -> float | None:
+TIMEOUT_HELP = "wall-clock limit of one calculation: a longer one is stopped and recorded as failed (default: $DPELT_LABEL_TIMEOUT, else none)"
+
+
+def label_timeout(given: float | None) -> float | None:
     """--timeout, else $DPELT_LABEL_TIMEOUT (set by the workflow from label.timeout), else no limit."""
     if given is not None:
         return given
@@ -51,7 +54,7 @@ def _cmd_label(args: argparse.Namespace) -> None:
         max_force=args.max_force,
         retry_failed=args.retry_failed,
         log=log,
-        timeout=_timeout(args.timeout),
+        timeout=label_timeout(args.timeout),
     )
     print(
         f"{s['oracle']}: {s['total']} candidates, {s['labelled']} labelled ({s['computed']} computed, {s['cached']} from earlier tasks), "
@@ -70,7 +73,7 @@ def add_label_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--known", nargs="+", action="extend", metavar="FILE", help="already labelled frames files: their labels are reused, never recomputed")
     p.add_argument("--max-force", type=float, default=50.0, help="labels with any |F| at or above this are refused, eV/Å (default 50)")
     p.add_argument("--retry-failed", action="store_true", help="rerun tasks whose earlier result is a failure")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="wall-clock limit of one calculation: a longer one is stopped and recorded as failed (default: $DPELT_LABEL_TIMEOUT, else none)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="one progress line per frame on stderr")
     p.set_defaults(func=_cmd_label)
     return p

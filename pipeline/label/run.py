@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 import traceback
@@ -43,7 +42,7 @@ from ..data.netcdf import read_frames, write_frames
 from ..errors import ConfigError, DpeltError
 from ..fileio import write_json_atomic, write_text_atomic
 from .oracles import Oracle, make_oracle
-from .timeout import LabelTimeout, time_limit
+from .timeout import LabelTimeout, checked_seconds, time_limit
 from .validate import MAX_FORCE, check_label
 
 TASKS_DIR = "tasks"
@@ -252,8 +251,7 @@ def label(
         raise ConfigError(f"must lie in [0, 1], got {max_failed_ratio}", key="max_failed_ratio")
     if not float(max_force) > 0:
         raise ConfigError(f"must be > 0 eV/Å, got {max_force}", key="max_force")
-    if timeout is not None and not (math.isfinite(float(timeout)) and float(timeout) > 0):
-        raise ConfigError(f"must be a number of seconds > 0 (or null: no limit), got {timeout}", key="timeout")
+    timeout = checked_seconds(timeout, key="timeout")
     candidates_path = Path(candidates_path)
     out_dir = Path(out_dir)
     known = [os.fspath(p) for p in known]

@@ -17,6 +17,7 @@ to Python is interrupted when that call returns. Elsewhere than the main thread,
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import threading
@@ -26,10 +27,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ..errors import ConfigError
+
 
 class LabelTimeout(BaseException):
     """A label took longer than ``label.timeout`` (a ``BaseException``, like ``KeyboardInterrupt``,
     so that a calculator's ``except Exception`` cannot swallow it)."""
+
+
+def checked_seconds(timeout: float | None, key: str = "label.timeout") -> float | None:
+    """A limit in seconds (> 0, finite) as a float, or None (no limit); anything else is a ConfigError naming ``key``."""
+    if timeout is None:
+        return None
+    try:
+        seconds = float(timeout)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"must be a number of seconds > 0 (or null: no limit), got {timeout!r}", key=key)
+    return seconds
 
 
 def _children(pid: int) -> list[int]:
@@ -93,13 +109,20 @@ def kill_descendants(spare: set[int] = frozenset(), grace_s: float = 3.0) -> lis
 REPEAT_S = 1.0  # after the first alarm, raise again this often until the calculation gives up
 
 
+def running_children() -> set[int]:
+    """The processes below this one now (those a :func:`time_limit` passed them as ``spare`` leaves alone)."""
+    return set(descendants(os.getpid()))
+
+
 @contextmanager
-def time_limit(seconds: float | None) -> Iterator[None]:
+def time_limit(seconds: float | None, spare: set[int] | None = None) -> Iterator[None]:
     """Raise :class:`LabelTimeout` in the block after ``seconds`` of wall-clock time (None or 0: no limit).
 
     At the alarm, before raising, the processes started in the block (and their children) are
     killed, so a calculator waiting on them (``subprocess.run``, ``Popen.wait``, a socket server's
-    ``close``) is released; processes that were running before are left alone. The exception
+    ``close``) is released; processes that were running before are left alone. ``spare``
+    (from :func:`running_children`) names those processes instead: an oracle MD limits each
+    step but, when one hangs, also kills a code server that its first step started. The exception
     derives from ``BaseException`` (a calculator's ``except Exception`` does not swallow it), and
     it is raised again every ``REPEAT_S`` seconds until it leaves the block.
     """
@@ -111,7 +134,7 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         yield
         return
     armed = [True]
-    before = set(descendants(os.getpid()))
+    before = running_children() if spare is None else spare
 
     def on_alarm(signum, frame):
         if not armed[0]:
