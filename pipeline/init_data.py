@@ -262,17 +262,7 @@ def _to_systems(images_by_name: dict[str, list[ase.Atoms]], type_map: Sequence[s
     return systems
 
 
-def make_init(
-    spec: InitSpec,
-    oracle_spec: dict,
-    type_map: Sequence[str],
-    out: str | os.PathLike,
-    seed: int,
-    workdir: str | os.PathLike,
-    max_force: float = 50.0,
-    base: Path = Path("."),
-    timeout: float | None = None,
-) -> dict:
+def make_init(spec: InitSpec, oracle_spec: dict, type_map: Sequence[str], out: str | os.PathLike, seed: int, workdir: str | os.PathLike, max_force: float = 50.0, base: Path = Path("."), timeout: float | None = None) -> dict:
     """Build the labelled initial data set into ``out`` (one group per system). ``timeout``:
     wall-clock seconds one oracle calculation may take (``label.timeout``; None: no limit)."""
     out, workdir = Path(out), Path(workdir)
@@ -328,21 +318,7 @@ def make_init(
     return summary
 
 
-def make_holdout(
-    spec: InitSpec,
-    systems: Sequence[str],
-    temperatures: Sequence[float],
-    frames: int,
-    md: OracleMDSpec,
-    oracle_spec: dict,
-    type_map: Sequence[str],
-    out: str | os.PathLike,
-    seed: int,
-    workdir: str | os.PathLike,
-    max_force: float = 50.0,
-    base: Path = Path("."),
-    timeout: float | None = None,
-) -> dict:
+def make_holdout(spec: InitSpec, systems: Sequence[str], temperatures: Sequence[float], frames: int, md: OracleMDSpec, oracle_spec: dict, type_map: Sequence[str], out: str | os.PathLike, seed: int, workdir: str | os.PathLike, max_force: float = 50.0, base: Path = Path("."), timeout: float | None = None) -> dict:
     """Held-out frames: oracle MD from each named structure at each temperature, ``frames`` kept
     each; ``timeout`` as in :func:`make_init`."""
     out, workdir = Path(out), Path(workdir)
