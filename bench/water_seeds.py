@@ -14,9 +14,9 @@ mean and sample standard deviation, and the ratio of the means dpelt / DeePMD-ki
 per code cannot tell a 5 % difference from seed-to-seed spread; this can. Runs finished by an
 earlier invocation (``result.json`` in their work directory) are reused, so adding seeds only
 trains the new ones; dpelt's runs are reused only if dpelt's sources (sha256 of pipeline/)
-are unchanged. ``--keep-earlier`` also keeps the per-seed results already in --out (same
-steps) whose work directories are gone, whatever dpelt source produced them: each keeps the
-source hash it was trained with, so the JSON says which code gave which seed.
+are unchanged. ``--keep-earlier`` keeps every per-seed result already in --out (same steps),
+whatever dpelt source produced it and whether or not its work directory is still there: each
+keeps the source hash it was trained with, so the JSON says which code gave which seed.
 
 The summary adds Welch's t statistic for the difference of the mean force RMSEs and a
 bootstrap 90 % interval of the ratio of means (10 000 resamples of the seeds, fixed RNG seed).
@@ -180,7 +180,7 @@ def main() -> None:
     if args.keep_earlier:
         for code, by_seed in earlier_results(args.out, args.steps).items():
             for seed, r in by_seed.items():
-                if int(seed) in args.seeds and not (base / f"{code}_seed{seed}" / "result.json").exists():
+                if int(seed) in args.seeds:
                     results[code][seed] = r
                     print(code, seed, "kept from", args.out, json.dumps(r), flush=True)
         jobs = [j for j in jobs if str(j[1]) not in results[j[0]]]
