@@ -16,6 +16,9 @@ data-dependent starts that look like fixes, on two cases, each run on one thread
 * ``unit_rms``: the same with one scale per element, the root mean square of its descriptor
   entries, instead of σ_j, plus ``silent_output``;
 * ``standardised_only``, ``unit_rms_only``: the same rescaling, output layer left random;
+* ``residual_bias``: the energy bias is fitted to what the random nets leave unexplained
+  (labels minus the nets' initial energies, on the first 10 frames of each system), so the
+  initial model has no mean energy error;
 * ``centred``: only the mean is taken out (b ← b − Σ_j μ_j W_j), weights and output layer
   untouched, so the first layer's random offset W·μ is gone but its sensitivity is unchanged.
 
@@ -42,7 +45,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STARTS = ("deepmd", "silent_output", "standardised", "unit_rms", "standardised_only", "unit_rms_only", "centred")
+STARTS = ("deepmd", "silent_output", "standardised", "unit_rms", "standardised_only", "unit_rms_only", "centred", "residual_bias")
 
 
 def copper_data(where: Path) -> Path:
@@ -92,6 +95,24 @@ def apply_start(model, systems, start: str) -> None:
     import torch
 
     if start == "deepmd":
+        return
+    if start == "residual_bias":
+        import numpy as np
+
+        from pipeline.model.stats import fit_energy_bias
+
+        counts, residual = [], []
+        with torch.no_grad():
+            model.fitting.bias_atom_e.zero_()
+            for s in systems:
+                frames = list(range(min(10, s.nframes)))
+                b = s.batch(frames)
+                e_net = model.forward_rij(b.rij, b.nlist, b.atype, False, False, False, b.partner)["energy"]  # [nf] eV
+                counts.append(np.tile(np.bincount(s.atype.numpy(), minlength=model.ntypes), (len(frames), 1)))
+                residual.append(s.energy.numpy()[frames] - e_net.numpy())
+            bias = fit_energy_bias(np.concatenate(counts), np.concatenate(residual))
+            model.fitting.bias_atom_e.copy_(torch.as_tensor(bias, dtype=model.fitting.bias_atom_e.dtype))
+        print(f"initial net energy per atom {float(e_net.mean()) / s.natoms:.3f} eV; bias {bias}", file=sys.stderr)
         return
     with torch.no_grad():
         if start != "silent_output":
