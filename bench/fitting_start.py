@@ -19,6 +19,8 @@ data-dependent starts that look like fixes, on two cases, each run on one thread
 * ``residual_bias``: the energy bias is fitted to what the random nets leave unexplained
   (labels minus the nets' initial energies, on the first 10 frames of each system), so the
   initial model has no mean energy error;
+* ``random_output_bias``: the output layers' biases start random, N(0, 1) eV, like the other
+  layers' (DeePMD-kit's fitting nets do this; dpelt starts them at zero);
 * ``centred``: only the mean is taken out (b ← b − Σ_j μ_j W_j), weights and output layer
   untouched, so the first layer's random offset W·μ is gone but its sensitivity is unchanged.
 
@@ -45,7 +47,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-STARTS = ("deepmd", "silent_output", "standardised", "unit_rms", "standardised_only", "unit_rms_only", "centred", "residual_bias")
+STARTS = ("deepmd", "silent_output", "standardised", "unit_rms", "standardised_only", "unit_rms_only", "centred", "residual_bias", "random_output_bias")
 
 
 def copper_data(where: Path) -> Path:
@@ -95,6 +97,13 @@ def apply_start(model, systems, start: str) -> None:
     import torch
 
     if start == "deepmd":
+        return
+    if start == "random_output_bias":
+        g = torch.Generator().manual_seed(int(model.fitting.nets[0].layers[0].weight.detach().abs().sum() * 1e6) % 2**31)  # from the seeded start
+        with torch.no_grad():
+            for net in model.fitting.nets:
+                bias = net.layers[-1].bias
+                bias.copy_(torch.randn(bias.shape, generator=g, dtype=bias.dtype))
         return
     if start == "residual_bias":
         import numpy as np
