@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from pipeline.examples import emt_bulk_frames  # noqa: E402
 from pipeline.explore.bias import BiasConfig  # noqa: E402
 from pipeline.explore.guards import GuardConfig  # noqa: E402
 from pipeline.explore.md import MDTask, run_md  # noqa: E402
+from pipeline.fileio import write_text_atomic  # noqa: E402
 from pipeline.train.config import parse_train_config  # noqa: E402
 from pipeline.train.loop import train  # noqa: E402
 from pipeline.units import fs_to_ase_time  # noqa: E402
@@ -223,10 +223,7 @@ def main() -> None:
         result["ensemble_cost_water192"] = ensemble_cost(wm, w_atoms, args.threads, args.calls)
         result["md_throughput_water192"] = md_throughput(wm, w_atoms, args.threads, 100, work)
     result[f"sampling_cu32_{args.sample_temperature:g}K"] = sampling(cu, args.threads, args.steps, work, args.sample_temperature)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pipeline.model.neighbor as nb
 from pipeline.data.io import read_systems
+from pipeline.fileio import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,10 +60,7 @@ def main() -> None:
         "check_alone_us": alone * 1e6,
         "check_share_of_build": alone / statistics.median(with_check),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

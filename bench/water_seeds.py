@@ -42,6 +42,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from water import water_input  # noqa: E402
 
+from pipeline.fileio import write_text_atomic  # noqa: E402
+
 
 def _deepmd_helpers():
     """bench/deepmd/run_deepmd.py (stdlib only at import): its test-output parser."""
@@ -117,9 +119,7 @@ def reuse_or_run(work: Path, fn, identity: dict) -> dict:
         if all(old.get(k) == v for k, v in identity.items()):
             return old
     result = fn() | identity
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result) + "\n")
-    os.replace(tmp, done)
+    write_text_atomic(done, json.dumps(result) + "\n")
     return result
 
 
@@ -210,10 +210,7 @@ def main() -> None:
             "welch_t_dpelt_minus_deepmd": welch_t(f_dpelt, f_deepmd),
             "ratio_of_means_bootstrap_90pct": bootstrap_ratio(f_dpelt, f_deepmd),
         }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["ratio_of_means_dpelt_over_deepmd"], indent=2))
     print(json.dumps(result.get("force_rmse_comparison"), indent=2))
     print(f"wrote {args.out}")
