@@ -1,6 +1,6 @@
 """Accuracy of dpelt vs DeePMD-kit on the water example over several seeds (not a test).
 
-usage: python bench/water_seeds.py [--seeds 1 2 3] [--steps 1500] [--jobs 2] [--keep-earlier] [--dpelt-first]
+usage: python bench/water_seeds.py [--seeds 1 2 3] [--steps 1500] [--jobs 2] [--keep-earlier [CODE ...]] [--dpelt-first]
                                    [--data ../shared/data/water] [--venv bench/work/deepmd-venv]
 
 One training run per code and seed, from the same input.json as bench/water.py (the DeePMD-kit
@@ -17,6 +17,8 @@ trains the new ones; dpelt's runs are reused only if dpelt's sources (sha256 of 
 are unchanged. ``--keep-earlier`` keeps every per-seed result already in --out (same steps),
 whatever dpelt source produced it and whether or not its work directory is still there: each
 keeps the source hash it was trained with, so the JSON says which code gave which seed.
+``--keep-earlier deepmd`` keeps only DeePMD-kit's (dpelt's are trained again, or reused from
+their work directories when dpelt's sources are unchanged).
 
 The summary adds Welch's t statistic for the difference of the mean force RMSEs and a
 bootstrap 90 % interval of the ratio of means (10 000 resamples of the seeds, fixed RNG seed).
@@ -164,7 +166,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=HERE / "work" / "water_seeds")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "water_seeds.json")
     ap.add_argument("--dpelt-first", action="store_true", help="train dpelt's runs first (its sources may be edited once they are done)")
-    ap.add_argument("--keep-earlier", action="store_true", help="keep the per-seed results already in --out (see above)")
+    ap.add_argument("--keep-earlier", nargs="*", choices=["dpelt", "deepmd"], default=None, metavar="CODE",
+                    help="keep the per-seed results already in --out, of these codes (none named: both; see above)")
     args = ap.parse_args()
     if not (args.data / "data_0" / "type.raw").exists():
         sys.exit(f"water data not found at {args.data}")
@@ -177,10 +180,11 @@ def main() -> None:
     # by default the slow DeePMD-kit runs first, so the two lanes finish together
     jobs = dpelt_jobs + deepmd_jobs if args.dpelt_first else deepmd_jobs + dpelt_jobs
     results: dict = {"dpelt": {}, "deepmd": {}}
-    if args.keep_earlier:
+    if args.keep_earlier is not None:
+        keep = args.keep_earlier or ["dpelt", "deepmd"]
         for code, by_seed in earlier_results(args.out, args.steps).items():
             for seed, r in by_seed.items():
-                if int(seed) in args.seeds:
+                if code in keep and int(seed) in args.seeds:
                     results[code][seed] = r
                     print(code, seed, "kept from", args.out, json.dumps(r), flush=True)
         jobs = [j for j in jobs if str(j[1]) not in results[j[0]]]
@@ -193,7 +197,7 @@ def main() -> None:
     results = {code: dict(sorted(by_seed.items(), key=lambda kv: int(kv[0]))) for code, by_seed in results.items()}
     result = {
         "what": "test RMSE on data_3 after the same steps, several seeds per code, water se_e2_a example input (one thread per run)",
-        "command": f"python bench/water_seeds.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}" + (" --keep-earlier" if args.keep_earlier else ""),
+        "command": f"python bench/water_seeds.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}" + ("" if args.keep_earlier is None else " --keep-earlier" + "".join(" " + c for c in args.keep_earlier)),
         "steps": args.steps,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "per_seed": results,

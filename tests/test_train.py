@@ -143,6 +143,73 @@ def test_learning_rate_and_prefactors_follow_deepmd():
     assert short(300) == pytest.approx(1e-7)
 
 
+def test_normalized_loss_has_deepmd_weights_and_a_constant_scale():
+    """normalize_prefactors divides L by p_e + p_f + p_v: same relative weights, same reported rmse."""
+    import torch
+
+    from pipeline.train.loss import energy_loss
+
+    deepmd = LossConfig(start_pref_v=0.5, limit_pref_v=2.0)
+    ours = LossConfig(start_pref_v=0.5, limit_pref_v=2.0, normalize_prefactors=True)
+    assert ours == LossConfig(start_pref_v=0.5, limit_pref_v=2.0)  # the default
+    deepmd = replace(deepmd, normalize_prefactors=False)
+    gen = torch.Generator().manual_seed(0)
+    pred = {k: torch.randn(*shape, generator=gen, dtype=torch.float64) for k, shape in (("energy", (2,)), ("force", (2, 5, 3)), ("virial", (2, 9)))}
+    label = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in pred.items()}
+    for lr in (1e-3, 1e-5, 1e-8):
+        p0 = prefactors(deepmd, lr, 1e-3)
+        p1 = prefactors(ours, lr, 1e-3)
+        assert p0.norm == 1.0 and (p1.e, p1.f, p1.v) == (p0.e, p0.f, p0.v)
+        assert p1.norm == pytest.approx(p0.e + p0.f + p0.v)
+        l0, m0 = energy_loss(pred, label["energy"], label["force"], label["virial"], 5, p0)
+        l1, m1 = energy_loss(pred, label["energy"], label["force"], label["virial"], 5, p1)
+        assert l1.item() == pytest.approx(l0.item() / p1.norm, rel=1e-14)
+        assert m1 == m0  # lcurve's rmse is DeePMD-kit's √L, not normalised
+    assert prefactors(ours, 1e-3, 1e-3).norm / prefactors(ours, 1e-8, 1e-3).norm > 200  # what it takes out
+
+
+def test_normalized_loss_changes_nothing_when_the_prefactors_are_constant(tmp_path, emt_data):
+    """Adam is blind to a constant loss scale: with start = limit prefactors both losses train alike."""
+    import torch
+
+    loss = {"start_pref_e": 1.0, "limit_pref_e": 1.0, "start_pref_f": 10.0, "limit_pref_f": 10.0, "start_pref_v": 0.0, "limit_pref_v": 0.0}
+    models = []
+    for flag in (True, False):
+        cfg = tiny_config(emt_data, steps=20)
+        cfg = replace(cfg, loss=replace(cfg.loss, **loss, normalize_prefactors=flag))
+        models.append(torch.load(train(cfg, tmp_path / str(flag), log=lambda s: None), weights_only=True)["state_dict"])
+    for k, v in models[0].items():
+        # not bit-equal: Adam's ε (1e-8) weighs a little more against the smaller gradients
+        # (entries of saturated tanh units, |g| ~ 1e-9, move less); 1e-3 of a tensor's norm
+        assert float((v - models[1][k]).norm()) <= 3e-3 * float(v.norm()), k
+    assert not all(torch.equal(v, models[1][k]) for k, v in models[0].items())
+    curves = [read_lcurve(tmp_path / str(flag) / "lcurve.csv")[-1] for flag in (True, False)]
+    assert curves[0]["rmse_f_val"] == pytest.approx(curves[1]["rmse_f_val"], rel=1e-3)
+    assert curves[0]["rmse_e_val"] == pytest.approx(curves[1]["rmse_e_val"], rel=1e-2)
+
+
+def test_normalized_loss_keeps_adams_steps_on_the_learning_rate_schedule(tmp_path, emt_data):
+    """With DeePMD-kit's scale a short run's 500x prefactor decay starves Adam: its last update
+    m̂/(√v̂+ε) (in units of lr) is small, because v̂ remembers the early, larger gradients."""
+    import torch
+
+    def last_update_in_lr_units(flag: bool) -> float:
+        cfg = tiny_config(emt_data, steps=120)
+        cfg = replace(cfg, loss=replace(cfg.loss, normalize_prefactors=flag))
+        train(cfg, tmp_path / str(flag), log=lambda s: None)
+        opt = torch.load(tmp_path / str(flag) / "checkpoint.pt", weights_only=True)["optimizer"]
+        (b1, b2), eps = opt["param_groups"][0]["betas"], opt["param_groups"][0]["eps"]
+        num = den = 0.0
+        for st in opt["state"].values():
+            t = float(st["step"])
+            update = (st["exp_avg"] / (1 - b1**t)) / ((st["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps)
+            num, den = num + float(update.abs().sum()), den + update.numel()
+        return num / den
+
+    ours, deepmd = last_update_in_lr_units(True), last_update_in_lr_units(False)
+    assert ours > 0.05 and ours > 3 * deepmd, (ours, deepmd)
+
+
 def test_deepmd_input_json_is_accepted(tmp_path):
     if not REFERENCE_INPUT.exists():
         pytest.skip(f"{REFERENCE_INPUT} not found (../shared is beside the checkout)")
@@ -168,6 +235,7 @@ def test_deepmd_input_json_is_accepted(tmp_path):
         ({"learning_rate": {"type": "cosine"}}, r"\[learning_rate.type\]"),
         ({"loss": {"start_pref_f": -1}}, r"\[loss.start_pref_f\]: prefactors must be >= 0"),
         ({"training": {"numb_steps": "many"}}, r"\[training.numb_steps\]: expected int"),
+        ({"loss": {"normalize_prefactors": "yes"}}, r"\[loss.normalize_prefactors\]: expected bool"),
         ({"training": {"training_data": {"batch_size": "huge"}}}, r"\[training.training_data.batch_size\]"),
         ({"training": {"training_data": {"batch_size": 0}}}, r"\[training.training_data.batch_size\]: batch_size must be an integer >= 1"),
         ({"training": {"training_data": {"batch_size": -2}}}, r"\[training.training_data.batch_size\]"),

@@ -2,7 +2,9 @@
 training), read from dpelt YAML or from a DeePMD-kit JSON file as is.
 
 dpelt additions (optional): ``training.threads`` (torch intra-op threads; fixed so results
-are bit-identical) and ``training.validation_data.frames`` (how many fixed frames to validate on).
+are bit-identical), ``training.validation_data.frames`` (how many fixed frames to validate on)
+and ``loss.normalize_prefactors`` (default true; false trains with DeePMD-kit's loss scale, see
+:mod:`pipeline.train.loss`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class LossConfig:
     relative_f: Optional[float] = unsupported(None)
     enable_atom_ener_coeff: bool = unsupported(False)
     use_l1_all: bool = unsupported(False)
+    normalize_prefactors: bool = True
 
     def check(self, key: str, source: str | None) -> None:
         if self.type != "ener":
