@@ -32,18 +32,6 @@ from pipeline.fileio import write_text_atomic  # noqa: E402
 FLAGS = {"normalized": True, "deepmd": False}
 
 
-def update_size(opt_state: dict) -> float:
-    """Mean |m̂/(√v̂ + ε)| over every parameter entry (Adam's step in units of lr)."""
-    (b1, b2), eps = opt_state["param_groups"][0]["betas"], opt_state["param_groups"][0]["eps"]
-    total = count = 0.0
-    for st in opt_state["state"].values():
-        t = float(st["step"])
-        u = (st["exp_avg"] / (1 - b1**t)) / ((st["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps)
-        total += float(u.abs().sum())
-        count += u.numel()
-    return total / count
-
-
 def worker(loss: str, seed: int, steps: int, every: int, data: Path, out: Path) -> None:
     from water_seeds import seeded_input
 
@@ -58,7 +46,7 @@ def worker(loss: str, seed: int, steps: int, every: int, data: Path, out: Path) 
     write_checkpoint = loop._checkpoint
 
     def recording(path, model, c, opt, step, *rest, **kw):
-        sizes[int(step)] = update_size(opt.state_dict())
+        sizes[int(step)] = loop.adam_update_size(opt.state_dict())
         write_checkpoint(path, model, c, opt, step, *rest, **kw)
 
     loop._checkpoint = recording

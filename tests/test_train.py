@@ -10,7 +10,7 @@ from pipeline.data.netcdf import write_frames
 from pipeline.errors import ConfigError, ModelFileError
 from pipeline.examples import emt_bulk_frames
 from pipeline.train.config import LearningRateConfig, LossConfig, load_train_config, parse_train_config
-from pipeline.train.loop import train
+from pipeline.train.loop import adam_update_size, train
 from pipeline.train.loss import prefactors
 from pipeline.train.lr import ExpDecay
 
@@ -197,14 +197,7 @@ def test_normalized_loss_keeps_adams_steps_on_the_learning_rate_schedule(tmp_pat
         cfg = tiny_config(emt_data, steps=120)
         cfg = replace(cfg, loss=replace(cfg.loss, normalize_prefactors=flag))
         train(cfg, tmp_path / str(flag), log=lambda s: None)
-        opt = torch.load(tmp_path / str(flag) / "checkpoint.pt", weights_only=True)["optimizer"]
-        (b1, b2), eps = opt["param_groups"][0]["betas"], opt["param_groups"][0]["eps"]
-        num = den = 0.0
-        for st in opt["state"].values():
-            t = float(st["step"])
-            update = (st["exp_avg"] / (1 - b1**t)) / ((st["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps)
-            num, den = num + float(update.abs().sum()), den + update.numel()
-        return num / den
+        return adam_update_size(torch.load(tmp_path / str(flag) / "checkpoint.pt", weights_only=True)["optimizer"])
 
     ours, deepmd = last_update_in_lr_units(True), last_update_in_lr_units(False)
     assert ours > 0.05 and ours > 3 * deepmd, (ours, deepmd)

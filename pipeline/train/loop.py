@@ -46,6 +46,20 @@ def make_adam(params: list, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
+def adam_update_size(opt_state: dict) -> float:
+    """Mean |m̂/(√v̂ + ε)| over every parameter entry of an Adam ``state_dict``: the step Adam
+    takes, in units of the learning rate (1 on its first step; small when the recent gradients
+    are smaller than the ones v̂ remembers)."""
+    (b1, b2), eps = opt_state["param_groups"][0]["betas"], opt_state["param_groups"][0]["eps"]
+    total = count = 0.0
+    for st in opt_state["state"].values():
+        t = float(st["step"])
+        u = (st["exp_avg"] / (1 - b1**t)) / ((st["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps)
+        total += float(u.abs().sum())
+        count += u.numel()
+    return total / count
+
+
 def load_systems(data: DataConfig, type_map: Sequence[str], key: str) -> list[tuple]:
     """[(dataset, source)] for every system under the configured paths (labels required)."""
     out = []

@@ -15,8 +15,9 @@ scale changes slowly on that window — true of DeePMD-kit's long schedules (10�
 short ones (a few thousand steps: DP-GEN's retraining, this project's loop, a benchmark), where
 the stale, larger squared gradients make Adam's steps shrink much faster than lr (in the water
 benchmark's 1500-step schedule, 5× smaller than with the constant scale by step 400, 8–50×
-after step 700: bench/adam_lag.py). dpelt therefore minimises L / (p_e + p_f + p_v): the same relative weights at every step,
-a scale that stays constant, so Adam's steps follow the learning rate as configured. Where the
+after step 700: bench/adam_lag.py). dpelt therefore minimises L / (p_e + p_f + p_v): the same
+relative weights at every step, a scale that stays constant, so Adam's steps follow the
+learning rate as configured. Where the
 scale changes slowly (long schedules) this changes only how much Adam's ε (10⁻⁸) weighs against
 the gradients; ``false`` gives DeePMD-kit's loss exactly.
 The reported ``rmse`` (√L) is DeePMD-kit's, not normalised.
