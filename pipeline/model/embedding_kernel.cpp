@@ -108,6 +108,48 @@ inline void panel4(const double* A, int64_t K, const double* W, int64_t N, doubl
   for (int i = 0; i < MR; ++i) _mm256_storeu_pd(C + i * N, c0[i]);
 }
 
+#if defined(__AVX512F__)
+// The AVX-512 panel: MR rows × 16 columns of C in 2·MR registers; ``m0``/``m1`` mask the
+// columns past N (masked loads read no memory there). The same FMA in the same k order as
+// panel8, so the values are those of the AVX2 path bit for bit.
+template <int MR>
+inline void panel16(const double* A, int64_t K, const double* W, int64_t N, double* C, __mmask8 m0, __mmask8 m1) {
+  __m512d c0[MR], c1[MR];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = _mm512_setzero_pd();
+    c1[i] = _mm512_setzero_pd();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512d w0 = _mm512_maskz_loadu_pd(m0, W + k * N);
+    const __m512d w1 = _mm512_maskz_loadu_pd(m1, W + k * N + 8);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512d b = _mm512_set1_pd(A[i * K + k]);
+      c0[i] = _mm512_fmadd_pd(b, w0, c0[i]);
+      c1[i] = _mm512_fmadd_pd(b, w1, c1[i]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i) {
+    _mm512_mask_storeu_pd(C + i * N, m0, c0[i]);
+    _mm512_mask_storeu_pd(C + i * N + 8, m1, c1[i]);
+  }
+}
+
+void small_gemm(const double* A, int64_t rows, int64_t K, const double* W, int64_t N, double* C) {
+  constexpr int MR = 12;
+  for (int64_t j = 0; j < N; j += 16) {
+    const int64_t left = N - j;
+    const __mmask8 m0 = left >= 8 ? 0xFF : static_cast<__mmask8>((1u << left) - 1u);
+    const __mmask8 m1 = left >= 16 ? 0xFF : (left > 8 ? static_cast<__mmask8>((1u << (left - 8)) - 1u) : 0);
+    int64_t r = 0;
+    for (; r + MR <= rows; r += MR) panel16<MR>(A + r * K, K, W + j, N, C + r * N + j, m0, m1);
+    for (; r + 4 <= rows; r += 4) panel16<4>(A + r * K, K, W + j, N, C + r * N + j, m0, m1);
+    for (; r < rows; ++r) panel16<1>(A + r * K, K, W + j, N, C + r * N + j, m0, m1);
+  }
+}
+#else
 void small_gemm(const double* A, int64_t rows, int64_t K, const double* W, int64_t N, double* C) {
   constexpr int MR = 6;
   int64_t j = 0;
@@ -128,6 +170,7 @@ void small_gemm(const double* A, int64_t rows, int64_t K, const double* W, int64
       C[r * N + j] = acc;
     }
 }
+#endif  // __AVX512F__
 
 #endif
 
@@ -345,14 +388,219 @@ at::Tensor gathered_row_dot(const at::Tensor& grad, const at::Tensor& tangents, 
   return out;
 }
 
+
+// The parameter gradients of one block of B rows of (G, dG/ds) = net(s), given their
+// cotangents gG and gGp [B, M1] (gGp null: zero). The forward is recomputed in the block
+// (cheaper than storing and re-reading every layer's activations), keeping per layer the
+// stacked input X = [x; t] [2B, n_in], y = tanh(z) and zt = t W. Backward, per layer, with
+// (gx, gt) the cotangents of its outputs (x_out = sc(x) + a y, t_out = sc(t) + a (1 − y²) zt):
+//     gzt = a (1 − y²) gt,   gz = a (gx − 2 y zt gt) (1 − y²),
+//     da = Σ_rows gx y + gt (1 − y²) zt,   db = Σ_rows gz,   dW = Xᵀ [gz; gzt],
+//     (gx_in; gt_in) = [gz; gzt] Wᵀ + sc_back(gx; gt).
+// out [P] receives every layer's (dW, db, da) flattened, in layer order (da only when the
+// layer has a timestep).
+void backward_block(const double* s, int64_t B, const std::vector<Layer>& layers, const std::vector<bool>& has_dt,
+                    const double* gG, const double* gGp, double* out) {
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const int64_t L = static_cast<int64_t>(layers.size());
+  std::vector<at::Tensor> X(L), Z(L);  // X[l] [2B, n_in]; Z[l] [2B, n_out]: y on top, zt below
+  X[0] = at::empty({2 * B, 1}, opts);
+  {
+    double* x0 = X[0].data_ptr<double>();
+    for (int64_t r = 0; r < B; ++r) {
+      x0[r] = s[r];
+      x0[B + r] = 1.0;  // ds/ds
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    const Layer& ly = layers[l];
+    const int64_t n_in = ly.n_in, n = ly.n_out;
+    Z[l] = at::empty({2 * B, n}, opts);
+    double* z = Z[l].data_ptr<double>();
+    const double* x = X[l].data_ptr<double>();
+    if (l == 0) {  // one input: z = s w + b, zt = w
+      for (int64_t r = 0; r < B; ++r)
+        for (int64_t k = 0; k < n; ++k) z[r * n + k] = s[r] * ly.w[k];
+      for (int64_t r = 0; r < B; ++r)
+        for (int64_t k = 0; k < n; ++k) z[(B + r) * n + k] = ly.w[k];
+    } else {
+#ifdef DPELT_SMALL_GEMM
+      small_gemm(x, 2 * B, n_in, ly.w, n, z);
+#else
+      at::Tensor zt_ = Z[l];
+      at::mm_out(zt_, X[l], ly.weight);
+#endif
+    }
+    for (int64_t r = 0; r < B; ++r)
+      for (int64_t k = 0; k < n; ++k) z[r * n + k] = tanh_exp(z[r * n + k] + ly.b[k]);
+    if (l + 1 < L) {
+      X[l + 1] = at::empty({2 * B, n}, opts);
+      double* h = X[l + 1].data_ptr<double>();
+      combine_any(ly.shortcut, B, n_in, n, ly.a, z, z + B * n, n, x, x + B * n_in, h, h + B * n);
+    }
+  }
+  const int64_t M = layers[L - 1].n_out;
+  at::Tensor GO = at::empty({2 * B, M}, opts);  // cotangents of the last outputs: gG on top, gGp below
+  {
+    double* go = GO.data_ptr<double>();
+    std::copy(gG, gG + B * M, go);
+    if (gGp != nullptr) {
+      std::copy(gGp, gGp + B * M, go + B * M);
+    } else {
+      std::fill(go + B * M, go + 2 * B * M, 0.0);
+    }
+  }
+  std::vector<int64_t> offset(L + 1, 0);
+  for (int64_t l = 0; l < L; ++l)
+    offset[l + 1] = offset[l] + layers[l].n_in * layers[l].n_out + layers[l].n_out + (has_dt[l] ? layers[l].n_out : 0);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    const Layer& ly = layers[l];
+    const int64_t n_in = ly.n_in, n = ly.n_out;
+    const double* y = Z[l].data_ptr<double>();
+    const double* zt = y + B * n;
+    const double* go = GO.data_ptr<double>();
+    at::Tensor GZ = at::empty({2 * B, n}, opts);
+    double* gz = GZ.data_ptr<double>();
+    double* dW = out + offset[l];
+    double* db = dW + n_in * n;
+    double* da = db + n;
+    std::fill(db, db + n + (has_dt[l] ? n : 0), 0.0);
+    for (int64_t r = 0; r < B; ++r) {
+      const double* gxr = go + r * n;
+      const double* gtr = go + (B + r) * n;
+      const double* yr = y + r * n;
+      const double* ztr = zt + r * n;
+      double* gzr = gz + r * n;
+      double* gztr = gz + (B + r) * n;
+      for (int64_t k = 0; k < n; ++k) {
+        const double yk = yr[k];
+        const double d = 1.0 - yk * yk;
+        gztr[k] = ly.a[k] * d * gtr[k];
+        gzr[k] = ly.a[k] * (gxr[k] - 2.0 * yk * ztr[k] * gtr[k]) * d;
+        db[k] += gzr[k];
+      }
+      if (has_dt[l])
+        for (int64_t k = 0; k < n; ++k) da[k] += gxr[k] * yr[k] + gtr[k] * (1.0 - yr[k] * yr[k]) * ztr[k];
+    }
+    at::Tensor dW_t = at::from_blob(dW, {n_in, n}, opts);
+    at::mm_out(dW_t, X[l].t(), GZ);
+    if (l == 0) break;
+    at::Tensor GI = at::mm(GZ, ly.weight.t());  // [2B, n_in]
+    double* gi = GI.data_ptr<double>();
+    if (ly.shortcut == 1) {
+      for (int64_t i = 0; i < 2 * B * n; ++i) gi[i] += go[i];
+    } else if (ly.shortcut == 2) {
+      for (int64_t r = 0; r < 2 * B; ++r)
+        for (int64_t k = 0; k < n_in; ++k) gi[r * n_in + k] += go[r * n + k] + go[r * n + n_in + k];
+    }
+    GO = GI;
+  }
+}
+
+// The parameter gradients of (G, dG/ds) = net(s) for cotangents gG [R, M1] and gGp [R, M1]
+// (empty: zero), as the forward pass of embedding_net sees the layers. Returns per layer
+// (dW [n_in, n_out], db [n_out], da [n_out] or an empty tensor when it has no timestep). Each
+// block of rows writes its own gradient slice; the slices are summed in block order, so the
+// result does not depend on the number of threads.
+std::vector<at::Tensor> embedding_net_backward(const at::Tensor& s, at::TensorList weights, at::TensorList biases,
+                                               at::TensorList timesteps, at::IntArrayRef shortcuts,
+                                               const at::Tensor& gG, const at::Tensor& gGp, int64_t block) {
+  TORCH_CHECK(s.dim() == 1 && s.scalar_type() == at::kDouble && s.is_contiguous() && s.device().is_cpu(),
+              "embedding_net_backward: s must be a contiguous float64 CPU vector");
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(timesteps.size()) == L &&
+                  static_cast<int64_t>(shortcuts.size()) == L,
+              "embedding_net_backward: one weight, bias, timestep and shortcut per layer");
+  TORCH_CHECK(block >= 1, "embedding_net_backward: block must be positive");
+  std::vector<at::Tensor> ones;
+  std::vector<Layer> layers;
+  std::vector<bool> has_dt;
+  int64_t width = 1;
+  int64_t P = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& w = weights[l];
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == width && w.scalar_type() == at::kDouble && w.is_contiguous(),
+                "embedding_net_backward: weight ", l);
+    const int64_t n = w.size(1);
+    const at::Tensor& b = biases[l];
+    TORCH_CHECK(b.numel() == n && b.scalar_type() == at::kDouble && b.is_contiguous(), "embedding_net_backward: bias ", l);
+    const int64_t sc = shortcuts[l];
+    TORCH_CHECK((sc == 0) || (sc == 1 && n == width) || (sc == 2 && n == 2 * width), "embedding_net_backward: shortcut ", l);
+    const at::Tensor& a = timesteps[l];
+    const double* ap;
+    if (a.numel() == 0) {
+      ones.push_back(at::ones({n}, s.options()));
+      ap = ones.back().data_ptr<double>();
+      has_dt.push_back(false);
+    } else {
+      TORCH_CHECK(a.numel() == n && a.scalar_type() == at::kDouble && a.is_contiguous(), "embedding_net_backward: timestep ", l);
+      ap = a.data_ptr<double>();
+      has_dt.push_back(true);
+    }
+    layers.push_back(Layer{w.data_ptr<double>(), b.data_ptr<double>(), ap, width, n, sc, w});
+    P += width * n + n + (has_dt.back() ? n : 0);
+    width = n;
+  }
+  const int64_t R = s.size(0);
+  TORCH_CHECK(gG.dim() == 2 && gG.size(0) == R && gG.size(1) == width && gG.scalar_type() == at::kDouble,
+              "embedding_net_backward: gG must be [R, M1] float64");
+  const bool with_t = gGp.numel() > 0;
+  TORCH_CHECK(!with_t || (gGp.dim() == 2 && gGp.size(0) == R && gGp.size(1) == width && gGp.scalar_type() == at::kDouble),
+              "embedding_net_backward: gGp must be [R, M1] float64 or empty");
+  const at::Tensor g = gG.contiguous();
+  const at::Tensor gt = with_t ? gGp.contiguous() : gGp;
+  const int64_t nblocks = (R + block - 1) / block;
+  at::Tensor partial = at::empty({std::max<int64_t>(nblocks, 1), P}, s.options());
+  const double* sp = s.data_ptr<double>();
+  const double* gp = g.data_ptr<double>();
+  const double* gtp = with_t ? gt.data_ptr<double>() : nullptr;
+  double* pp = partial.data_ptr<double>();
+  if (R == 0) partial.zero_();
+  at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t q = lo; q < hi; ++q) {
+      const int64_t r0 = q * block;
+      const int64_t rows = std::min(block, R - r0);
+      backward_block(sp + r0, rows, layers, has_dt, gp + r0 * width, with_t ? gtp + r0 * width : nullptr, pp + q * P);
+    }
+  });
+  at::Tensor total = at::empty({P}, s.options());
+  double* tp = total.data_ptr<double>();
+  const int64_t nb = std::max<int64_t>(nblocks, 1);
+  at::parallel_for(0, P, 1024, [&](int64_t lo, int64_t hi) {
+    for (int64_t p = lo; p < hi; ++p) {
+      double acc = 0.0;
+      for (int64_t q = 0; q < nb; ++q) acc += pp[q * P + p];
+      tp[p] = acc;
+    }
+  });
+  std::vector<at::Tensor> result;
+  int64_t off = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t n_in = layers[l].n_in, n = layers[l].n_out;
+    result.push_back(total.narrow(0, off, n_in * n).view({n_in, n}));
+    off += n_in * n;
+    result.push_back(total.narrow(0, off, n));
+    off += n;
+    if (has_dt[l]) {
+      result.push_back(total.narrow(0, off, n));
+      off += n;
+    } else {
+      result.push_back(at::empty({0}, s.options()));
+    }
+  }
+  return result;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dpelt, m) {
   m.def("embedding_net(Tensor s, Tensor[] weights, Tensor[] biases, Tensor[] timesteps, int[] shortcuts, bool tangent, int block) -> Tensor[]");
   m.def("gathered_row_dot(Tensor grad, Tensor tangents, Tensor rows) -> Tensor");
+  m.def("embedding_net_backward(Tensor s, Tensor[] weights, Tensor[] biases, Tensor[] timesteps, int[] shortcuts, Tensor gG, Tensor gGp, int block) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(dpelt, CPU, m) {
   m.impl("embedding_net", &embedding_net);
   m.impl("gathered_row_dot", &gathered_row_dot);
+  m.impl("embedding_net_backward", &embedding_net_backward);
 }

@@ -207,7 +207,7 @@ def _capability() -> str:
 def _vector_flags() -> List[str]:
     """Compiler flags for :func:`_capability` (the build is cached per capability, so a node
     without AVX2 never loads an AVX2 build)."""
-    return {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx2", "-mfma", "-mavx512f"]}.get(_capability(), [])
+    return {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mprefer-vector-width=512"]}.get(_capability(), [])
 
 
 def packed_layers(mlp: torch.nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], List[int]]:
@@ -303,6 +303,93 @@ class _FusedGatheredEmbedding(torch.autograd.Function):
 
 
 _NO_ROWS = torch.empty(0, dtype=torch.long)
+
+
+_training = threading.local()
+
+
+@contextlib.contextmanager
+def parameter_gradients_only():
+    """Inside: embedding nets whose weights take gradients run through the training kernel
+    (:class:`_TrainingEmbedding`), for a caller that differentiates the energy once with
+    respect to positions (forces, ``create_graph``) and then the loss only with respect to
+    the parameters, as a training step does. Second derivatives with respect to positions
+    (a Hessian) are not available inside; outside, autograd runs layer by layer as usual.
+    """
+    before = getattr(_training, "on", False)
+    _training.on = True
+    try:
+        yield
+    finally:
+        _training.on = before
+
+
+def training_applicable(mlp: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`training_embedding` applies: inside :func:`parameter_gradients_only`,
+    grad mode on, a float64 CPU net of tanh layers with one input, and the kernel available."""
+    if not getattr(_training, "on", False) or not torch.is_grad_enabled():
+        return False
+    layers = mlp.layers
+    if x.shape[-1] != 1 or x.dtype != torch.float64 or x.device.type != "cpu" or len(layers) == 0:
+        return False
+    for layer in layers:
+        if not layer.activation or layer.weight.dtype != torch.float64:
+            return False
+    return load_kernel() is not None
+
+
+def _layer_parameters(mlp: torch.nn.Module) -> List[torch.Tensor]:
+    """The parameters of an MLP's layers in kernel order: per layer weight, bias, timestep (if any)."""
+    out: List[torch.Tensor] = []
+    for layer in mlp.layers:
+        out += [layer.weight, layer.bias] + ([layer.idt] if layer.idt is not None else [])
+    return out
+
+
+class _TrainingEmbedding(torch.autograd.Function):
+    """x [R, 1] -> (G [R, M1], dG/ds [R, M1]) by the kernel, for a training step.
+
+    Forces differentiate the energy with respect to s once: the backward called under
+    ``create_graph`` returns (dE/dG · dG/ds).sum(-1) built from differentiable ops on the
+    saved dG/ds, so the loss reaches the weights through dG/ds without autograd
+    differentiating the net's own backward (its second derivative). The backward called for
+    the loss (grad mode off) returns the parameter gradients from both cotangents, computed by
+    ``embedding_net_backward`` block by block (forward recomputed in cache), and no gradient
+    for x: use only inside :func:`parameter_gradients_only`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mlp: torch.nn.Module, *params: torch.Tensor):
+        g, gp = _evaluate(mlp, x, True)
+        ctx.mlp = mlp
+        ctx.n_params = len(params)
+        ctx.save_for_backward(x, gp)
+        return g, gp
+
+    @staticmethod
+    def backward(ctx, g_g: Optional[torch.Tensor], g_gp: Optional[torch.Tensor]):
+        x, gp = ctx.saved_tensors
+        none = (None,) * ctx.n_params
+        if torch.is_grad_enabled():  # the force pass: d/ds only, differentiable through dG/ds
+            if g_g is None:
+                return (None, None) + none
+            return ((g_g * gp).sum(-1, keepdim=True), None) + none
+        if g_g is None:
+            g_g = torch.zeros_like(gp)
+        empty = gp.new_empty(0)
+        weights, biases, steps, shortcuts = packed_layers(ctx.mlp)
+        grads = torch.ops.dpelt.embedding_net_backward(
+            x.reshape(-1).contiguous(), weights, biases, steps, shortcuts, g_g, empty if g_gp is None else g_gp, BLOCK_ROWS
+        )
+        out: List[Optional[torch.Tensor]] = []
+        for k, layer in enumerate(ctx.mlp.layers):
+            out += [grads[3 * k], grads[3 * k + 1]] + ([grads[3 * k + 2]] if layer.idt is not None else [])
+        return (None, None) + tuple(out)
+
+
+def training_embedding(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """G = mlp(x) for x [R, 1] in a training step (check :func:`training_applicable` first)."""
+    return _TrainingEmbedding.apply(x, mlp, *_layer_parameters(mlp))[0]
 
 
 def fused_embedding(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

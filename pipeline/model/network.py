@@ -243,6 +243,8 @@ class MLP(nn.Module):
         if not torch.jit.is_scripting() and x.shape[-1] == 1:
             if self._fusable(x):
                 return self._fused(x)
+            if self._trainable_fused(x):
+                return self._training_fused(x)
         return self.forward_layers(x)
 
     def forward_layers(self, x: torch.Tensor) -> torch.Tensor:
@@ -258,6 +260,14 @@ class MLP(nn.Module):
     @torch.jit.unused
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         return embedding_kernel.fused_embedding(self, x)
+
+    @torch.jit.unused
+    def _trainable_fused(self, x: torch.Tensor) -> bool:
+        return embedding_kernel.training_applicable(self, x)
+
+    @torch.jit.unused
+    def _training_fused(self, x: torch.Tensor) -> torch.Tensor:
+        return embedding_kernel.training_embedding(self, x.reshape(-1, 1)).reshape(x.shape[:-1] + (self.dim_out,))
 
     @torch.jit.unused
     def rows_of(self, x: torch.Tensor, rows: List[torch.Tensor]) -> List[torch.Tensor]:

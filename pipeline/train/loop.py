@@ -26,6 +26,7 @@ from ..errors import ConfigError, ModelFileError
 from ..fileio import write_json_atomic, write_text_atomic
 from ..model.config import ModelConfig
 from ..model.deeppot import DeepPot
+from ..model.embedding_kernel import parameter_gradients_only
 from ..model.serialize import FORMAT_VERSION, model_from_dict, model_to_dict, plain, read_model_file, save_model, save_torch
 from ..model.stats import EnvStatAccumulator, auto_sel, fit_energy_bias
 from ..runtime import configure_torch
@@ -303,7 +304,8 @@ def train(
             pref = prefactors(cfg.loss, lr, cfg.learning_rate.start_lr)
             k, frames = sampler.next(step)
             b = systems[k].batch(frames)
-            pred = model.forward_rij(b.rij, b.nlist, b.atype, True, b.virial is not None and pref.v > 0, True, b.partner)
+            with parameter_gradients_only():  # the loss is differentiated with respect to the parameters only
+                pred = model.forward_rij(b.rij, b.nlist, b.atype, True, b.virial is not None and pref.v > 0, True, b.partner)
             loss, trn = energy_loss(pred, b.energy, b.force, b.virial if pref.v > 0 else None, b.natoms, pref)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step + 1} (system {systems[k].source}); lower start_lr or check the data")
