@@ -1,12 +1,15 @@
 """The fused embedding kernel (pipeline/model/embedding_kernel.*) against the layer-by-layer nets.
 
-Inference with frozen weights evaluates the embedding nets in C++: G(s) and dG/ds carried
+Inference with frozen weights, and training steps, evaluate the embedding nets in C++: G(s) and dG/ds carried
 forward in row blocks, tanh from an inline exponential. These tests check it builds where a
 compiler exists, that its values and derivatives equal the layer path's (which the physics
 tests check against finite differences and symmetries) for every shortcut and timestep
 layout and across block edges, finite differences of its own, NaN propagation, saturation,
 independence of the thread count, exact second derivatives, whole-model energies, forces
-and virials with and without pair sharing, and the fallback when it cannot be built.
+and virials with and without pair sharing, and the fallback when it cannot be built. For
+training (inside ``parameter_gradients_only``): every parameter gradient of an energy, force
+and virial loss equals autograd's second derivative through the layers, gradients independent
+of the thread count, and the training loop using it.
 """
 
 from __future__ import annotations
@@ -111,18 +114,24 @@ def test_every_nan_stays_nan(kernel):
         assert torch.isnan(g).all() and torch.isnan(gp).all(), neuron
 
 
-def test_independent_of_thread_count(kernel):
-    net = frozen_net([25, 50, 100], True, seed=4)
-    x = torch.rand(3000, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    w, b, st, sc = ek.packed_layers(net)
+def with_1_and_2_threads(run):
+    """[run() with 1 thread, run() with 2 threads], the thread count restored afterwards."""
     before = torch.get_num_threads()
     try:
         out = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            out.append(kernel(x, w, b, st, sc, True, ek.BLOCK_ROWS))
+            out.append(run())
     finally:
         torch.set_num_threads(before)
+    return out
+
+
+def test_independent_of_thread_count(kernel):
+    net = frozen_net([25, 50, 100], True, seed=4)
+    x = torch.rand(3000, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    w, b, st, sc = ek.packed_layers(net)
+    out = with_1_and_2_threads(lambda: kernel(x, w, b, st, sc, True, ek.BLOCK_ROWS))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
 
 
@@ -282,6 +291,120 @@ def test_second_derivative_through_frozen_model_is_exact(kernel, monkeypatch, pa
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def training_model(type_one_side: bool, resnet_dt: bool) -> DeepPot:
+    """A model in training mode (weights take gradients); timesteps far from 0.1 so a wrong
+    timestep gradient shows; layers [8, 16, 32] have every shortcut (none, (x, x), x) but one."""
+    model = randomize_stats(DeepPot(tiny_model_config(type_one_side=type_one_side, sel=(60, 60), neuron=[8, 8, 16], resnet_dt=resnet_dt)))
+    with torch.no_grad():
+        for net in model.descriptor.embeddings:
+            for layer in net.layers:
+                if layer.idt is not None:
+                    layer.idt.copy_(torch.linspace(-0.6, 1.1, layer.idt.numel(), dtype=torch.float64))
+    return model.train()
+
+
+def training_step_gradients(model, fi, atype, kernel_on: bool, pairs: bool, pe: float, pf: float, pv: float):
+    """One training loss (energy, forces, virial with the given weights) and its parameter
+    gradients, with the training kernel or autograd through the layers."""
+    import contextlib
+
+    target_f = torch.from_numpy(np.random.default_rng(1).normal(size=(1, len(atype), 3)))
+    target_v = torch.from_numpy(np.random.default_rng(2).normal(size=(1, 3, 3)))
+    with ek.parameter_gradients_only() if kernel_on else contextlib.nullcontext():
+        out = model.forward_rij(fi.rij, fi.nlist, torch.from_numpy(atype), True, True, True, fi.partner if pairs else None)
+    loss = pe * (out["energy"] - 1.0).pow(2).sum() + pf * (out["force"] - target_f).pow(2).sum() + pv * (out["virial"] - target_v).pow(2).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return out, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+@pytest.mark.parametrize("type_one_side", [True, False])
+@pytest.mark.parametrize("pairs", [True, False])
+@pytest.mark.parametrize("resnet_dt", [True, False])
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 0.1), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)], ids=["e+f+v", "energy only", "forces only"])
+def test_training_kernel_gives_autograds_parameter_gradients(kernel, monkeypatch, type_one_side, pairs, resnet_dt, weights):
+    """A training step inside parameter_gradients_only: the embedding nets run through the
+    kernel (forward with tangents, parameter gradients from both cotangents) and every
+    parameter gradient of an energy + force + virial loss equals autograd's through the
+    layers (its second derivative), as do the energy, forces and virial."""
+    model = training_model(type_one_side, resnet_dt)
+    pos, cell, atype = random_system(40, seed=11, cell_scale=7.0)
+    fi = frame_inputs(pos[None], cell[None], (True,) * 3, atype, model.rcut, model.sel, model.type_map)
+    calls = []
+    original = ek.training_embedding
+    monkeypatch.setattr(ek, "training_embedding", lambda mlp, x: calls.append(x.shape[0]) or original(mlp, x))
+    out_k, grads_k = training_step_gradients(model, fi, atype, True, pairs, *weights)
+    assert calls, "the training kernel was not used"
+    n_calls = len(calls)
+    out_l, grads_l = training_step_gradients(model, fi, atype, False, pairs, *weights)
+    assert len(calls) == n_calls  # outside the context: the layer path
+    for key in ("energy", "force", "virial"):
+        scale = max(1.0, float(out_l[key].abs().max()))
+        assert float((out_k[key] - out_l[key]).abs().max()) <= 1e-12 * scale, key
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for name, gk, gl in zip(names, grads_k, grads_l):
+        scale = float(gl.abs().max())
+        if name.startswith("descriptor.") and weights != (1.0, 0.0, 0.0):
+            assert scale > 0, name  # the force term reaches every embedding parameter
+        assert float((gk - gl).abs().max()) <= 1e-10 * max(scale, 1e-300) + 1e-300, name
+
+
+def test_training_kernel_backward_independent_of_thread_count_and_block(kernel):
+    """The parameter gradients are summed block by block in block order: the same bits with
+    1 or 2 threads; other block sizes agree to rounding."""
+    net = frozen_net([25, 50, 100], True, seed=12)
+    g = torch.Generator().manual_seed(13)
+    x = torch.rand(3000, generator=g, dtype=torch.float64)
+    gg, ggp = torch.randn(3000, 100, generator=g, dtype=torch.float64), torch.randn(3000, 100, generator=g, dtype=torch.float64)
+    w, b, st, sc = ek.packed_layers(net)
+    out = with_1_and_2_threads(lambda: torch.ops.dpelt.embedding_net_backward(x, w, b, st, sc, gg, ggp, ek.BLOCK_ROWS))
+    assert all(torch.equal(a, c) for a, c in zip(out[0], out[1]))
+    other = torch.ops.dpelt.embedding_net_backward(x, w, b, st, sc, gg, ggp, 97)
+    for a, c in zip(out[0], other):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+    empty = torch.ops.dpelt.embedding_net_backward(x, w, b, st, sc, gg, ggp.new_empty(0), ek.BLOCK_ROWS)
+    zero = torch.ops.dpelt.embedding_net_backward(x, w, b, st, sc, gg, torch.zeros_like(ggp), ek.BLOCK_ROWS)
+    assert all(torch.equal(a, c) for a, c in zip(empty, zero))  # no tangent cotangent = a zero one
+
+
+def test_training_kernel_only_inside_the_context_and_never_for_float32(kernel):
+    net = MLP(1, [4, 8], resnet_dt=False, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.rand(5, 1, dtype=torch.float64)
+    assert not ek.training_applicable(net, x)
+    with ek.parameter_gradients_only():
+        assert ek.training_applicable(net, x)
+        with torch.no_grad():
+            assert not ek.training_applicable(net, x)
+        net32 = MLP(1, [4, 8], resnet_dt=False, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+        assert not ek.training_applicable(net32, x.float())
+    assert not ek.training_applicable(net, x)
+
+
+def test_training_loop_uses_the_kernel_and_trains_as_the_layer_path(kernel, monkeypatch, tmp_path):
+    """``train`` runs its steps' embedding nets through the training kernel, and 20 steps
+    (energy, forces, virial) end where the layer path ends, to rounding."""
+    from test_train import tiny_config
+
+    from pipeline.data.netcdf import write_frames
+    from pipeline.examples import emt_bulk_frames
+    from pipeline.model.serialize import read_model_file
+    from pipeline.train.loop import train
+
+    write_frames(tmp_path / "train.nc", emt_bulk_frames("Cu", repeat=(2, 2, 2), temperatures_K=(300, 900), frames_per_temperature=4, seed=1))
+    write_frames(tmp_path / "valid.nc", emt_bulk_frames("Cu", repeat=(2, 2, 2), temperatures_K=(600,), frames_per_temperature=2, seed=2))
+    calls = []
+    original = ek.training_embedding
+    monkeypatch.setattr(ek, "training_embedding", lambda mlp, x: calls.append(x.shape[0]) or original(mlp, x))
+    fused = train(tiny_config(tmp_path, steps=20), tmp_path / "fused", log=lambda s: None)
+    assert len(calls) >= 20
+    n_calls = len(calls)
+    monkeypatch.setattr(ek, "training_applicable", lambda mlp, x: False)
+    layers = train(tiny_config(tmp_path, steps=20), tmp_path / "layers", log=lambda s: None)
+    assert len(calls) == n_calls  # the layer path
+    a, b = read_model_file(fused)["state_dict"], read_model_file(layers)["state_dict"]
+    for key in a:
+        scale = max(1.0, float(b[key].abs().max()))
+        assert float((a[key] - b[key]).abs().max()) <= 1e-9 * scale, key
 def test_build_failure_falls_back_with_one_warning(monkeypatch):
     """No compiler: one RuntimeWarning naming the reason, then the layer path (same values)."""
     net = frozen_net([4, 8], False)

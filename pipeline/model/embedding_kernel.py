@@ -1,4 +1,4 @@
-"""Fused inference of embedding nets: G(s) and dG/ds in one C++ pass (``embedding_kernel.cpp``).
+"""Fused embedding nets: G(s) and dG/ds in one C++ pass (``embedding_kernel.cpp``), and the weights' gradients for training.
 
 Inference (energy and forces with frozen weights) spends about a third of its time in the
 embedding nets, most of it in element-wise passes over [rows, M1] arrays that leave the
@@ -10,8 +10,13 @@ product, ``(dE/dG · dG/ds).sum(-1)``.
 The kernel is compiled with ``torch.utils.cpp_extension`` on first use (~20 s, once per
 machine and source version, cached in :func:`build_directory`). Without a C++ compiler it is
 skipped with one warning and the nets run layer by layer (the same values to rounding,
-slower). ``DPELT_FUSED_KERNEL=0`` turns it off. Training (weights receiving gradients) and TorchScript never use it; a second derivative
-through a fused net (``create_graph``) is recomputed layer by layer, so it stays exact.
+slower). ``DPELT_FUSED_KERNEL=0`` turns it off. TorchScript never uses it; a second derivative
+through a fused inference net (``create_graph``) is recomputed layer by layer, so it stays exact.
+
+Training steps (inside :func:`parameter_gradients_only`) use it as well: the forward gives G
+and dG/ds, forces take dE/ds = dE/dG · dG/ds, and ``embedding_net_backward`` gives the weights'
+gradients of the loss from the cotangents of both (:class:`_TrainingEmbedding`), instead of
+autograd differentiating the nets' backward pass.
 """
 
 from __future__ import annotations
