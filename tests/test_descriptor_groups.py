@@ -83,8 +83,15 @@ def count_groups(monkeypatch):
 
 @pytest.mark.parametrize("type_one_side", [True, False])
 @pytest.mark.parametrize("max_groups", [1, 4])
-def test_grouped_evaluation_equals_brute_force(type_one_side, max_groups, count_groups):
-    model = slot_dependent_stats(randomize_stats(DeepPot(tiny_model_config(type_one_side=type_one_side, sel=(30, 30)))))
+@pytest.mark.parametrize("per_slot_stats", [True, False], ids=["stats per slot", "stats per section"])
+def test_grouped_evaluation_equals_brute_force(type_one_side, max_groups, per_slot_stats, count_groups):
+    """Grouped evaluation with the padding slots summed once per type equals evaluating every
+    slot: with statistics that differ from slot to slot (suffix sums) and, as the data gives
+    them, the same in every slot of a section (multiples of one padding row)."""
+    model = randomize_stats(DeepPot(tiny_model_config(type_one_side=type_one_side, sel=(30, 30))))
+    if per_slot_stats:
+        model = slot_dependent_stats(model)
+    assert model.descriptor._uniform_sections() == [not per_slot_stats] * 2
     model.descriptor.max_groups, model.descriptor.group_rows = max_groups, 0  # group whenever it saves a row
     rij, nlist, atype = inputs_with_far_neighbour(model, 30, seed=9)
     out = model.forward_rij(rij, nlist, atype, True, True, True)

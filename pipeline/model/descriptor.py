@@ -64,6 +64,9 @@ def net_types(k: int, ntypes: int, type_one_side: bool) -> Tuple[int, int]:
 _PADDING_CACHES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
+_UNIFORM_CACHES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def padding_cache(descriptor: nn.Module) -> dict:
     """The padding-sum cache of one descriptor (empty until frozen inference fills it)."""
     return _PADDING_CACHES.setdefault(descriptor, {})
@@ -220,16 +223,47 @@ class DescriptorSeA(nn.Module):
         per atom.
         """
         pad = -self.davg / self.dstd  # [ntypes, nnei, 4]
+        uniform = self._uniform_sections()
         out: List[torch.Tensor] = []
         for k, net in enumerate(self.embeddings):
             tj, serves = net_types(k, self.ntypes, self.type_one_side)
             rows = pad[:, self.sec[tj] : self.sec[tj + 1], :]  # [ntypes, sel_t, 4]
-            g = net(rows[:, :, :1])  # [ntypes, sel_t, M1]
-            per_slot = rows.unsqueeze(-1) * g.unsqueeze(-2)  # [ntypes, sel_t, 4, M1]
-            suffix = per_slot.flip(1).cumsum(1).flip(1)  # [ntypes, sel_t, 4, M1]
-            zero = torch.zeros(self.ntypes, 1, 4, self.m1, dtype=pad.dtype, device=pad.device)
-            out.append(torch.cat([suffix, zero], dim=1).reshape(-1, 4, self.m1))  # [ntypes*(sel_t+1), 4, M1]
+            if uniform[tj]:  # every slot the same row: S_k[ti, c] = (sel_t − c) · R̃_padᵀ G(s_pad)
+                one = rows[:, :1, :]  # [ntypes, 1, 4]
+                per = one.transpose(1, 2) * net(one[:, :, :1])  # [ntypes, 4, M1]
+                left = torch.arange(self.sel[tj], -1, -1, dtype=pad.dtype, device=pad.device)  # [sel_t + 1] slots from c on
+                out.append((left.view(1, -1, 1, 1) * per.unsqueeze(1)).reshape(-1, 4, self.m1))  # [ntypes*(sel_t+1), 4, M1]
+            else:
+                g = net(rows[:, :, :1])  # [ntypes, sel_t, M1]
+                per_slot = rows.unsqueeze(-1) * g.unsqueeze(-2)  # [ntypes, sel_t, 4, M1]
+                suffix = per_slot.flip(1).cumsum(1).flip(1)  # [ntypes, sel_t, 4, M1]
+                zero = torch.zeros(self.ntypes, 1, 4, self.m1, dtype=pad.dtype, device=pad.device)
+                out.append(torch.cat([suffix, zero], dim=1).reshape(-1, 4, self.m1))  # [ntypes*(sel_t+1), 4, M1]
         return out
+
+    def _uniform_sections(self) -> List[bool]:
+        """Per neighbour type t: whether every slot of section t has the same statistics for
+        every centre type (as :mod:`.stats` makes them), so that the padding rows are all equal
+        and their suffix sums are multiples of one row (all False in TorchScript)."""
+        if torch.jit.is_scripting():
+            return [False] * self.ntypes
+        return self._uniform_sections_eager()
+
+    @torch.jit.unused
+    def _uniform_sections_eager(self) -> List[bool]:
+        key = ("uniform", self.davg._version, self.dstd._version, self.davg.data_ptr(), self.dstd.data_ptr())
+        cache = _UNIFORM_CACHES.setdefault(self, {})
+        if key not in cache:
+            flags: List[bool] = []
+            for t in range(self.ntypes):
+                a, b = self.sec[t], self.sec[t + 1]
+                same = self.sel[t] > 0
+                for stat in (self.davg, self.dstd):
+                    same = same and bool((stat[:, a:b] == stat[:, a : a + 1]).all())
+                flags.append(same)
+            cache.clear()
+            cache[key] = flags
+        return cache[key]
 
     def _pad_suffix_sums_cached(self) -> List[torch.Tensor]:
         """:meth:`_pad_suffix_sums`, reused while the weights and statistics are unchanged.
