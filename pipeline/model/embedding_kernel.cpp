@@ -64,10 +64,12 @@ inline double tanh_exp(double z) {
 
 #if defined(__AVX2__) && defined(__FMA__)
 // C[rows, N] = A[rows, K] W[K, N], all row-major and contiguous: a register-blocked GEMM for
-// the embedding nets' narrow shapes (K, N ~ 25-100), where MKL reaches about half the FMA
-// peak of this CPU: 6 rows × 8 columns of C in 12 AVX2 registers, k innermost (~1.2× MKL on
-// the water model's layers). Every element sums over k in ascending order whatever the
-// block's shape, so a row's values do not depend on the rows evaluated with it.
+// the embedding nets' narrow shapes (K, N ~ 25-100): 6 rows × 8 columns of C in 12 AVX2
+// registers (AVX-512: 12 rows × 16 columns), k innermost. Every element sums over k in
+// ascending order whatever the block's shape, so a row's values do not depend on the rows
+// evaluated with it, nor on the instruction set. That, not speed, is why it is kept: on the
+// AVX-512 machines here MKL called from C++ runs [512, 50] × [50, 100] at ~67 GFLOPS on one
+// core and this at ~54 (it was ~1.2× MKL's AVX2 path when written).
 #define DPELT_SMALL_GEMM 1
 template <int MR>
 inline void panel8(const double* A, int64_t K, const double* W, int64_t N, double* C) {
