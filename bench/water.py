@@ -178,7 +178,7 @@ def main() -> None:
         result = json.loads(args.out.read_text())
         if result.get("steps") != args.steps or "deepmd" not in result:
             sys.exit(f"{args.out} is not a finished run with --steps {args.steps}")
-        speed_rounds(args, work, result)
+        speed_rounds(args, work, result, earlier_rounds(result))
         write_result(args.out, result)
         return
     if work.exists():
@@ -203,11 +203,24 @@ def main() -> None:
     write_result(args.out, result)
 
 
-def speed_rounds(args, work: Path, result: dict) -> None:
-    """--speed-rounds interleaved repeats of both codes' speed measurements into result["speed"]."""
-    rounds = []
-    for r in range(args.speed_rounds):  # alternate which code goes first
-        print(f"speed round {r + 1}/{args.speed_rounds} ...", flush=True)
+def earlier_rounds(result: dict) -> list[dict]:
+    """The speed rounds already in a result (files written before rounds were kept: from the lists)."""
+    speed = result.get("speed")
+    if not speed:
+        return []
+    if "rounds" in speed:
+        return list(speed["rounds"])
+    n = len(speed["dpelt"][SPEEDS[0]]["all"]) - 1
+    return [{code: {k: speed[code][k]["all"][i + 1] for k in SPEEDS} for code in ("dpelt", "deepmd")} for i in range(n)]
+
+
+def speed_rounds(args, work: Path, result: dict, earlier: list[dict] | None = None) -> None:
+    """--speed-rounds interleaved repeats of both codes' speed measurements into result["speed"],
+    after the ``earlier`` rounds (--rounds-only adds to them)."""
+    rounds = list(earlier or [])
+    dates = list(result.get("speed", {}).get("rounds_dates", [])) if earlier else []
+    for r in range(len(rounds), len(rounds) + args.speed_rounds):  # alternate which code goes first
+        print(f"speed round {r + 1}/{len(rounds) + args.speed_rounds} ...", flush=True)
         one = {}
         for code in (("dpelt", "deepmd") if r % 2 else ("deepmd", "dpelt")):
             rdir = work / f"round{r}" / code
@@ -219,9 +232,11 @@ def speed_rounds(args, work: Path, result: dict) -> None:
                 one[code] = deepmd_speed_round(args.data, rdir, work / "deepmd" / "model.pth", args.threads, args.round_steps, args.venv)
         rounds.append(one)
         print(json.dumps(one), flush=True)
+    dates.append(time.strftime("%Y-%m-%d %H:%M"))
     result["speed"] = speed_summary(result, rounds)
+    result["speed"]["rounds"] = rounds
     result["speed"]["round_train_steps"] = args.round_steps
-    result["speed"]["rounds_date"] = time.strftime("%Y-%m-%d %H:%M")
+    result["speed"]["rounds_dates"] = dates
     print(json.dumps({k: result["speed"][k] for k in ("ratio_of_best", "ratio_of_median")}, indent=2))
 
 
