@@ -349,16 +349,82 @@ def test_training_kernel_gives_autograds_parameter_gradients(kernel, monkeypatch
         assert float((gk - gl).abs().max()) <= 1e-10 * max(scale, 1e-300) + 1e-300, name
 
 
+def mlp_training_gradients(net, x, kernel_on: bool, create_graph_loss: bool = False):
+    """E = Σ G ⊙ V; the loss Σ G ⊙ U + Σ w · dE/ds (dE/ds with create_graph, as forces), and its
+    parameter gradients, with the training kernel or through the layers."""
+    import contextlib
+
+    g = torch.Generator().manual_seed(21)
+    m = net.dim_out
+    u, v, w = torch.randn(x.shape[0], m, generator=g, dtype=torch.float64), torch.randn(x.shape[0], m, generator=g, dtype=torch.float64), torch.randn(x.shape[0], 1, generator=g, dtype=torch.float64)
+    xx = x.clone().requires_grad_(True)
+    with ek.parameter_gradients_only() if kernel_on else contextlib.nullcontext():
+        G = net(xx)
+    (ds,) = torch.autograd.grad((G * v).sum(), xx, create_graph=True)
+    loss = (G * u).sum() + (ds * w).sum()
+    params = [p for p in net.parameters()]
+    return ds.detach(), torch.autograd.grad(loss, params, create_graph=create_graph_loss)
+
+
+@pytest.mark.parametrize("neuron,resnet_dt", LAYOUTS + [([2, 4, 4, 3], True), ([5], True), ([1], True)])
+@pytest.mark.parametrize("rows", [1, 200, 700])
+def test_training_kernel_every_layout(kernel, neuron, resnet_dt, rows):
+    """Single-layer nets, a shortcut on layer 0, every shortcut kind with and without timesteps,
+    one block and several: dE/ds and every parameter gradient equal autograd's."""
+    net = MLP(1, neuron, resnet_dt=resnet_dt, generator=torch.Generator().manual_seed(len(neuron)), dtype=torch.float64)
+    with torch.no_grad():
+        for layer in net.layers:
+            if layer.idt is not None:
+                layer.idt.copy_(torch.linspace(-0.7, 1.3, layer.idt.numel(), dtype=torch.float64))
+    x = 4 * torch.rand(rows, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64) - 1.5
+    ds_k, grads_k = mlp_training_gradients(net, x, True)
+    ds_l, grads_l = mlp_training_gradients(net, x, False)
+    torch.testing.assert_close(ds_k, ds_l, rtol=0, atol=1e-12)
+    for a, b in zip(grads_k, grads_l):
+        assert float((a - b).abs().max()) <= 1e-11 * max(1.0, float(b.abs().max()))
+
+
+def test_training_kernel_first_order_forces_and_refusals(kernel):
+    """Inside the context: forces without create_graph are right (the first-order dE/ds); a
+    loss differentiated with create_graph through dG/ds is refused, not silently zero; a
+    parameter changed in place before the backward is an error, as on the layer path."""
+    model = training_model(True, True)
+    pos, cell, atype = random_system(30, seed=12, cell_scale=6.5)
+    fi = frame_inputs(pos[None], cell[None], (True,) * 3, atype, model.rcut, model.sel, model.type_map)
+    at = torch.from_numpy(atype)
+    with ek.parameter_gradients_only():
+        inside = model.forward_rij(fi.rij, fi.nlist, at, True, True, False, fi.partner)
+    outside = model.forward_rij(fi.rij, fi.nlist, at, True, True, False, fi.partner)
+    torch.testing.assert_close(inside["force"], outside["force"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(inside["virial"], outside["virial"], rtol=0, atol=1e-12)
+    net = MLP(1, [4, 8], resnet_dt=True, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.rand(20, 1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="parameter_gradients_only"):
+        mlp_training_gradients(net, x, True, create_graph_loss=True)
+    xx = x.clone().requires_grad_(True)
+    with ek.parameter_gradients_only():
+        G = net(xx)
+    with torch.no_grad():
+        net.layers[1].weight.add_(0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(G.sum(), list(net.parameters()))
+
+
 def test_training_kernel_backward_independent_of_thread_count_and_block(kernel):
-    """The parameter gradients are summed block by block in block order: the same bits with
-    1 or 2 threads; other block sizes agree to rounding."""
+    """The parameter gradients are summed in an order fixed by the number of rows: the same bits
+    with 1 or 2 threads, for one block (where MKL could thread a lone product) and many (more
+    than the 64 chunks of blocks); other block sizes agree to rounding."""
     net = frozen_net([25, 50, 100], True, seed=12)
     g = torch.Generator().manual_seed(13)
+    w, b, st, sc = ek.packed_layers(net)
+    for rows in (1, 200, 256, 257, 3000, 20000):
+        x = torch.rand(rows, generator=g, dtype=torch.float64)
+        gg_, ggp_ = torch.randn(rows, 100, generator=g, dtype=torch.float64), torch.randn(rows, 100, generator=g, dtype=torch.float64)
+        out = with_1_and_2_threads(lambda: torch.ops.dpelt.embedding_net_backward(x, w, b, st, sc, gg_, ggp_, ek.BLOCK_ROWS))
+        assert all(torch.equal(a, c) for a, c in zip(out[0], out[1])), rows
     x = torch.rand(3000, generator=g, dtype=torch.float64)
     gg, ggp = torch.randn(3000, 100, generator=g, dtype=torch.float64), torch.randn(3000, 100, generator=g, dtype=torch.float64)
-    w, b, st, sc = ek.packed_layers(net)
     out = with_1_and_2_threads(lambda: torch.ops.dpelt.embedding_net_backward(x, w, b, st, sc, gg, ggp, ek.BLOCK_ROWS))
-    assert all(torch.equal(a, c) for a, c in zip(out[0], out[1]))
     other = torch.ops.dpelt.embedding_net_backward(x, w, b, st, sc, gg, ggp, 97)
     for a, c in zip(out[0], other):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)

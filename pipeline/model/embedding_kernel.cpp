@@ -401,8 +401,37 @@ at::Tensor gathered_row_dot(const at::Tensor& grad, const at::Tensor& tangents, 
 //     (gx_in; gt_in) = [gz; gzt] Wᵀ + sc_back(gx; gt).
 // out [P] receives every layer's (dW, db, da) flattened, in layer order (da only when the
 // layer has a timestep).
+// C[n_in, n] = Xᵀ G for X [rows, n_in], G [rows, n], every element summed over the rows in
+// ascending order: the same bits whatever the thread count (MKL may thread a lone call).
+void gemm_tn_ordered(const double* X, int64_t rows, int64_t n_in, const double* G, int64_t n, double* C) {
+  std::fill(C, C + n_in * n, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const double* __restrict__ g = G + r * n;
+    for (int64_t i = 0; i < n_in; ++i) {
+      const double x = X[r * n_in + i];
+      double* __restrict__ c = C + i * n;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < n; ++j) c[j] += x * g[j];
+    }
+  }
+}
+
+// C[rows, N] = A[rows, K] W[K, N] in a fixed order (the fallback of small_gemm without AVX2).
+void gemm_nn_ordered(const double* A, int64_t rows, int64_t K, const double* W, int64_t N, double* C) {
+  for (int64_t r = 0; r < rows; ++r) {
+    double* __restrict__ c = C + r * N;
+    std::fill(c, c + N, 0.0);
+    for (int64_t k = 0; k < K; ++k) {
+      const double a = A[r * K + k];
+      const double* __restrict__ w = W + k * N;
+#pragma GCC ivdep
+      for (int64_t j = 0; j < N; ++j) c[j] += a * w[j];
+    }
+  }
+}
+
 void backward_block(const double* s, int64_t B, const std::vector<Layer>& layers, const std::vector<bool>& has_dt,
-                    const double* gG, const double* gGp, double* out) {
+                    const std::vector<at::Tensor>& w_t, bool ordered, const double* gG, const double* gGp, double* out) {
   const auto opts = at::TensorOptions().dtype(at::kDouble);
   const int64_t L = static_cast<int64_t>(layers.size());
   std::vector<at::Tensor> X(L), Z(L);  // X[l] [2B, n_in]; Z[l] [2B, n_out]: y on top, zt below
@@ -491,10 +520,25 @@ void backward_block(const double* s, int64_t B, const std::vector<Layer>& layers
         for (int64_t k = 0; k < n; ++k) dar[k] += gxr[k] * yr[k] + gtr[k] * (1.0 - yr[k] * yr[k]) * ztr[k];
       }
     }
-    at::Tensor dW_t = at::from_blob(dW, {n_in, n}, opts);
-    at::mm_out(dW_t, X[l].t(), GZ);
+    // ordered: a lone block outside a parallel region, where MKL may use several threads and
+    // round differently; the fixed-order products keep the result independent of threads
+    if (ordered) {
+      gemm_tn_ordered(X[l].data_ptr<double>(), 2 * B, n_in, gz, n, dW);
+    } else {
+      at::Tensor dW_t = at::from_blob(dW, {n_in, n}, opts);
+      at::mm_out(dW_t, X[l].t(), GZ);
+    }
     if (l == 0) break;
-    at::Tensor GI = at::mm(GZ, ly.weight.t());  // [2B, n_in]
+    at::Tensor GI = at::empty({2 * B, n_in}, opts);  // [gz; gzt] Wᵀ
+    if (ordered) {
+#ifdef DPELT_SMALL_GEMM
+      small_gemm(gz, 2 * B, n, w_t[l].data_ptr<double>(), n_in, GI.data_ptr<double>());
+#else
+      gemm_nn_ordered(gz, 2 * B, n, w_t[l].data_ptr<double>(), n_in, GI.data_ptr<double>());
+#endif
+    } else {
+      at::mm_out(GI, GZ, w_t[l]);
+    }
     double* __restrict__ gi = GI.data_ptr<double>();
     const double* __restrict__ gor = go;
     if (ly.shortcut == 1) {
@@ -512,9 +556,9 @@ void backward_block(const double* s, int64_t B, const std::vector<Layer>& layers
 
 // The parameter gradients of (G, dG/ds) = net(s) for cotangents gG [R, M1] and gGp [R, M1]
 // (empty: zero), as the forward pass of embedding_net sees the layers. Returns per layer
-// (dW [n_in, n_out], db [n_out], da [n_out] or an empty tensor when it has no timestep). Each
-// block of rows writes its own gradient slice; the slices are summed in block order, so the
-// result does not depend on the number of threads.
+// (dW [n_in, n_out], db [n_out], da [n_out] or an empty tensor when it has no timestep), summed
+// over the rows in an order fixed by R alone (chunks of blocks), so the result does not depend
+// on the number of threads.
 std::vector<at::Tensor> embedding_net_backward(const at::Tensor& s, at::TensorList weights, at::TensorList biases,
                                                at::TensorList timesteps, at::IntArrayRef shortcuts,
                                                const at::Tensor& gG, const at::Tensor& gGp, int64_t block) {
@@ -562,27 +606,38 @@ std::vector<at::Tensor> embedding_net_backward(const at::Tensor& s, at::TensorLi
               "embedding_net_backward: gGp must be [R, M1] float64 or empty");
   const at::Tensor g = gG.contiguous();
   const at::Tensor gt = with_t ? gGp.contiguous() : gGp;
+  std::vector<at::Tensor> w_t;  // per layer Wᵀ [n_out, n_in], contiguous: the GEMM of the input gradients
+  for (const Layer& ly : layers) w_t.push_back(ly.weight.t().contiguous());
+  // Blocks are grouped in at most 64 chunks of consecutive blocks (fixed by R, not by the
+  // threads); a chunk sums its blocks' gradients in block order, then the chunks are summed in
+  // order: the result does not depend on the thread count, and the partial sums take at most
+  // 64 gradient vectors whatever the number of rows.
   const int64_t nblocks = (R + block - 1) / block;
-  at::Tensor partial = at::empty({std::max<int64_t>(nblocks, 1), P}, s.options());
+  const int64_t nchunks = std::max<int64_t>(std::min<int64_t>(nblocks, 64), 1);
+  at::Tensor partial = at::zeros({nchunks, P}, s.options());
   const double* sp = s.data_ptr<double>();
   const double* gp = g.data_ptr<double>();
   const double* gtp = with_t ? gt.data_ptr<double>() : nullptr;
   double* pp = partial.data_ptr<double>();
-  if (R == 0) partial.zero_();
-  at::parallel_for(0, nblocks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t q = lo; q < hi; ++q) {
-      const int64_t r0 = q * block;
-      const int64_t rows = std::min(block, R - r0);
-      backward_block(sp + r0, rows, layers, has_dt, gp + r0 * width, with_t ? gtp + r0 * width : nullptr, pp + q * P);
+  const bool ordered = nblocks == 1;  // a lone block runs outside any parallel region (see backward_block)
+  at::parallel_for(0, nchunks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<double> one(P);
+    for (int64_t c = lo; c < hi; ++c) {
+      double* acc = pp + c * P;
+      for (int64_t q = c * nblocks / nchunks; q < (c + 1) * nblocks / nchunks; ++q) {
+        const int64_t r0 = q * block;
+        const int64_t rows = std::min(block, R - r0);
+        backward_block(sp + r0, rows, layers, has_dt, w_t, ordered, gp + r0 * width, with_t ? gtp + r0 * width : nullptr, one.data());
+        for (int64_t p = 0; p < P; ++p) acc[p] += one[p];
+      }
     }
   });
   at::Tensor total = at::empty({P}, s.options());
   double* tp = total.data_ptr<double>();
-  const int64_t nb = std::max<int64_t>(nblocks, 1);
   at::parallel_for(0, P, 1024, [&](int64_t lo, int64_t hi) {
     for (int64_t p = lo; p < hi; ++p) {
       double acc = 0.0;
-      for (int64_t q = 0; q < nb; ++q) acc += pp[q * P + p];
+      for (int64_t c = 0; c < nchunks; ++c) acc += pp[c * P + p];
       tp[p] = acc;
     }
   });

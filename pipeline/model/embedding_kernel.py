@@ -359,8 +359,12 @@ class _TrainingEmbedding(torch.autograd.Function):
     saved dG/ds, so the loss reaches the weights through dG/ds without autograd
     differentiating the net's own backward (its second derivative). The backward called for
     the loss (grad mode off) returns the parameter gradients from both cotangents, computed by
-    ``embedding_net_backward`` block by block (forward recomputed in cache), and no gradient
-    for x: use only inside :func:`parameter_gradients_only`.
+    ``embedding_net_backward`` block by block (forward recomputed in cache), and the
+    first-order dE/ds (so forces computed without ``create_graph`` are right too). The
+    parameters are saved tensors: changing one in place before the backward is an error, as
+    on the layer path. Not supported, and refused where it can be seen: a loss differentiated
+    with ``create_graph`` through dG/ds (a second derivative with respect to positions, or a
+    higher-order optimiser); use only inside :func:`parameter_gradients_only`.
     """
 
     @staticmethod
@@ -368,28 +372,53 @@ class _TrainingEmbedding(torch.autograd.Function):
         g, gp = _evaluate(mlp, x, True)
         ctx.mlp = mlp
         ctx.n_params = len(params)
-        ctx.save_for_backward(x, gp)
+        ctx.set_materialize_grads(False)  # an output nobody used gets None, not zeros
+        ctx.save_for_backward(x, gp, *params)
         return g, gp
 
     @staticmethod
     def backward(ctx, g_g: Optional[torch.Tensor], g_gp: Optional[torch.Tensor]):
-        x, gp = ctx.saved_tensors
+        x, gp, *params = ctx.saved_tensors
         none = (None,) * ctx.n_params
         if torch.is_grad_enabled():  # the force pass: d/ds only, differentiable through dG/ds
+            if g_gp is not None:
+                raise RuntimeError(
+                    "dpelt: a second derivative through an embedding net's dG/ds with create_graph was asked for inside "
+                    "parameter_gradients_only(), which gives parameter gradients only; run it outside that context"
+                )
             if g_g is None:
                 return (None, None) + none
             return ((g_g * gp).sum(-1, keepdim=True), None) + none
         if g_g is None:
             g_g = torch.zeros_like(gp)
-        empty = gp.new_empty(0)
-        weights, biases, steps, shortcuts = packed_layers(ctx.mlp)
-        grads = torch.ops.dpelt.embedding_net_backward(
-            x.reshape(-1).contiguous(), weights, biases, steps, shortcuts, g_g, empty if g_gp is None else g_gp, BLOCK_ROWS
-        )
-        out: List[Optional[torch.Tensor]] = []
-        for k, layer in enumerate(ctx.mlp.layers):
-            out += [grads[3 * k], grads[3 * k + 1]] + ([grads[3 * k + 2]] if layer.idt is not None else [])
-        return (None, None) + tuple(out)
+        gx = torch.ops.dpelt.gathered_row_dot(g_g, gp, _NO_ROWS).reshape(x.shape)  # dE/ds, first order
+        return (gx, None) + _parameter_gradients(ctx.mlp, x, params, g_g, g_gp)
+
+
+def _parameter_gradients(mlp: torch.nn.Module, x: torch.Tensor, params: List[torch.Tensor], g_g: torch.Tensor, g_gp: Optional[torch.Tensor]) -> tuple:
+    """The gradients of ``params`` (the saved :func:`_layer_parameters`, in that order) for
+    cotangents g_g of G and g_gp of dG/ds (None: zero), from ``embedding_net_backward``."""
+    weights: List[torch.Tensor] = []
+    biases: List[torch.Tensor] = []
+    steps: List[torch.Tensor] = []
+    shortcuts: List[int] = []
+    k = 0
+    for layer in mlp.layers:
+        weights.append(params[k].detach().contiguous())
+        biases.append(params[k + 1].detach().contiguous())
+        k += 2
+        if layer.idt is not None:
+            steps.append(params[k].detach().contiguous())
+            k += 1
+        else:
+            steps.append(x.new_empty(0))
+        shortcuts.append(int(layer.shortcut))
+    empty = g_g.new_empty(0)
+    grads = torch.ops.dpelt.embedding_net_backward(x.reshape(-1).contiguous(), weights, biases, steps, shortcuts, g_g, empty if g_gp is None else g_gp, BLOCK_ROWS)
+    out: List[torch.Tensor] = []
+    for j, layer in enumerate(mlp.layers):
+        out += [grads[3 * j], grads[3 * j + 1]] + ([grads[3 * j + 2]] if layer.idt is not None else [])
+    return tuple(out)
 
 
 def training_embedding(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
