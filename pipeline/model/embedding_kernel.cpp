@@ -184,7 +184,53 @@ struct Layer {
   int64_t n_out;
   int64_t shortcut;
   at::Tensor weight;  // the same weights as a tensor, for the GEMM
+  bool has_dt;        // a trainable timestep (else a points at ones)
 };
+
+// The checked layers of one net (``op`` names the caller in errors). ``ones`` keeps the
+// unit timesteps of layers without one alive; ``width`` is the output width M1.
+struct Net {
+  std::vector<Layer> layers;
+  std::vector<at::Tensor> ones;
+  int64_t width;
+};
+
+Net checked_net(const char* op, const at::Tensor& s, at::TensorList weights, at::TensorList biases,
+                at::TensorList timesteps, at::IntArrayRef shortcuts, int64_t block) {
+  TORCH_CHECK(s.dim() == 1 && s.scalar_type() == at::kDouble && s.is_contiguous() && s.device().is_cpu(),
+              op, ": s must be a contiguous float64 CPU vector");
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(L >= 1 && static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(timesteps.size()) == L &&
+                  static_cast<int64_t>(shortcuts.size()) == L,
+              op, ": one weight, bias, timestep and shortcut per layer");
+  TORCH_CHECK(block >= 1, op, ": block must be positive");
+  Net net;
+  int64_t width = 1;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& w = weights[l];
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == width && w.scalar_type() == at::kDouble && w.is_contiguous(),
+                op, ": weight ", l, " must be a contiguous float64 [", width, ", n_out] matrix");
+    const int64_t n = w.size(1);
+    const at::Tensor& b = biases[l];
+    TORCH_CHECK(b.numel() == n && b.scalar_type() == at::kDouble && b.is_contiguous(), op, ": bias ", l);
+    const int64_t sc = shortcuts[l];
+    TORCH_CHECK((sc == 0) || (sc == 1 && n == width) || (sc == 2 && n == 2 * width), op, ": shortcut ", l);
+    const at::Tensor& a = timesteps[l];
+    const bool has_dt = a.numel() > 0;
+    const double* ap;
+    if (!has_dt) {
+      net.ones.push_back(at::ones({n}, s.options()));
+      ap = net.ones.back().data_ptr<double>();
+    } else {
+      TORCH_CHECK(a.numel() == n && a.scalar_type() == at::kDouble && a.is_contiguous(), op, ": timestep ", l);
+      ap = a.data_ptr<double>();
+    }
+    net.layers.push_back(Layer{w.data_ptr<double>(), b.data_ptr<double>(), ap, width, n, sc, w, has_dt});
+    width = n;
+  }
+  net.width = width;
+  return net;
+}
 
 // h[r, k] = shortcut(x)[r, k] + a[k] * y[r, k] over one block, y = tanh(z) read from ys;
 // with tangents, t[r, k] = shortcut(xt)[r, k] + a[k] * (1 − y²) * zt[r, k].
@@ -305,37 +351,9 @@ void run_block(const double* s, int64_t B, const std::vector<Layer>& layers, dou
 std::vector<at::Tensor> embedding_net(const at::Tensor& s, at::TensorList weights, at::TensorList biases,
                                       at::TensorList timesteps, at::IntArrayRef shortcuts, bool tangent,
                                       int64_t block) {
-  TORCH_CHECK(s.dim() == 1 && s.scalar_type() == at::kDouble && s.is_contiguous() && s.device().is_cpu(),
-              "embedding_net: s must be a contiguous float64 CPU vector");
-  const int64_t L = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(L >= 1 && static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(timesteps.size()) == L &&
-                  static_cast<int64_t>(shortcuts.size()) == L,
-              "embedding_net: one weight, bias, timestep and shortcut per layer");
-  TORCH_CHECK(block >= 1, "embedding_net: block must be positive");
-  std::vector<at::Tensor> ones;
-  std::vector<Layer> layers;
-  int64_t width = 1;
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor& w = weights[l];
-    TORCH_CHECK(w.dim() == 2 && w.size(0) == width && w.scalar_type() == at::kDouble && w.is_contiguous(),
-                "embedding_net: weight ", l, " must be a contiguous float64 [", width, ", n_out] matrix");
-    const int64_t n = w.size(1);
-    const at::Tensor& b = biases[l];
-    TORCH_CHECK(b.numel() == n && b.scalar_type() == at::kDouble && b.is_contiguous(), "embedding_net: bias ", l);
-    const int64_t sc = shortcuts[l];
-    TORCH_CHECK((sc == 0) || (sc == 1 && n == width) || (sc == 2 && n == 2 * width), "embedding_net: shortcut ", l);
-    const at::Tensor& a = timesteps[l];
-    const double* ap;
-    if (a.numel() == 0) {
-      ones.push_back(at::ones({n}, s.options()));
-      ap = ones.back().data_ptr<double>();
-    } else {
-      TORCH_CHECK(a.numel() == n && a.scalar_type() == at::kDouble && a.is_contiguous(), "embedding_net: timestep ", l);
-      ap = a.data_ptr<double>();
-    }
-    layers.push_back(Layer{w.data_ptr<double>(), b.data_ptr<double>(), ap, width, n, sc, w});
-    width = n;
-  }
+  const Net net = checked_net("embedding_net", s, weights, biases, timesteps, shortcuts, block);
+  const std::vector<Layer>& layers = net.layers;
+  const int64_t width = net.width;
   const int64_t R = s.size(0);
   at::Tensor G = at::empty({R, width}, s.options());
   at::Tensor Gp = tangent ? at::empty({R, width}, s.options()) : at::empty({0}, s.options());
@@ -430,7 +448,7 @@ void gemm_nn_ordered(const double* A, int64_t rows, int64_t K, const double* W, 
   }
 }
 
-void backward_block(const double* s, int64_t B, const std::vector<Layer>& layers, const std::vector<bool>& has_dt,
+void backward_block(const double* s, int64_t B, const std::vector<Layer>& layers,
                     const std::vector<at::Tensor>& w_t, bool ordered, const double* gG, const double* gGp, double* out) {
   const auto opts = at::TensorOptions().dtype(at::kDouble);
   const int64_t L = static_cast<int64_t>(layers.size());
@@ -483,7 +501,7 @@ void backward_block(const double* s, int64_t B, const std::vector<Layer>& layers
   }
   std::vector<int64_t> offset(L + 1, 0);
   for (int64_t l = 0; l < L; ++l)
-    offset[l + 1] = offset[l] + layers[l].n_in * layers[l].n_out + layers[l].n_out + (has_dt[l] ? layers[l].n_out : 0);
+    offset[l + 1] = offset[l] + layers[l].n_in * layers[l].n_out + layers[l].n_out + (layers[l].has_dt ? layers[l].n_out : 0);
   for (int64_t l = L - 1; l >= 0; --l) {
     const Layer& ly = layers[l];
     const int64_t n_in = ly.n_in, n = ly.n_out;
@@ -495,7 +513,7 @@ void backward_block(const double* s, int64_t B, const std::vector<Layer>& layers
     double* dW = out + offset[l];
     double* db = dW + n_in * n;
     double* da = db + n;
-    std::fill(db, db + n + (has_dt[l] ? n : 0), 0.0);
+    std::fill(db, db + n + (ly.has_dt ? n : 0), 0.0);
     const double* __restrict__ a = ly.a;
     for (int64_t r = 0; r < B; ++r) {  // restrict + ivdep: the loops vectorise (GCC cannot prove the rows disjoint)
       const double* __restrict__ gxr = go + r * n;
@@ -514,7 +532,7 @@ void backward_block(const double* s, int64_t B, const std::vector<Layer>& layers
         gzr[k] = v;
         dbr[k] += v;
       }
-      if (has_dt[l]) {
+      if (ly.has_dt) {
         double* __restrict__ dar = da;
 #pragma GCC ivdep
         for (int64_t k = 0; k < n; ++k) dar[k] += gxr[k] * yr[k] + gtr[k] * (1.0 - yr[k] * yr[k]) * ztr[k];
@@ -562,42 +580,11 @@ void backward_block(const double* s, int64_t B, const std::vector<Layer>& layers
 std::vector<at::Tensor> embedding_net_backward(const at::Tensor& s, at::TensorList weights, at::TensorList biases,
                                                at::TensorList timesteps, at::IntArrayRef shortcuts,
                                                const at::Tensor& gG, const at::Tensor& gGp, int64_t block) {
-  TORCH_CHECK(s.dim() == 1 && s.scalar_type() == at::kDouble && s.is_contiguous() && s.device().is_cpu(),
-              "embedding_net_backward: s must be a contiguous float64 CPU vector");
-  const int64_t L = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(L >= 1 && static_cast<int64_t>(biases.size()) == L && static_cast<int64_t>(timesteps.size()) == L &&
-                  static_cast<int64_t>(shortcuts.size()) == L,
-              "embedding_net_backward: one weight, bias, timestep and shortcut per layer");
-  TORCH_CHECK(block >= 1, "embedding_net_backward: block must be positive");
-  std::vector<at::Tensor> ones;
-  std::vector<Layer> layers;
-  std::vector<bool> has_dt;
-  int64_t width = 1;
-  int64_t P = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor& w = weights[l];
-    TORCH_CHECK(w.dim() == 2 && w.size(0) == width && w.scalar_type() == at::kDouble && w.is_contiguous(),
-                "embedding_net_backward: weight ", l);
-    const int64_t n = w.size(1);
-    const at::Tensor& b = biases[l];
-    TORCH_CHECK(b.numel() == n && b.scalar_type() == at::kDouble && b.is_contiguous(), "embedding_net_backward: bias ", l);
-    const int64_t sc = shortcuts[l];
-    TORCH_CHECK((sc == 0) || (sc == 1 && n == width) || (sc == 2 && n == 2 * width), "embedding_net_backward: shortcut ", l);
-    const at::Tensor& a = timesteps[l];
-    const double* ap;
-    if (a.numel() == 0) {
-      ones.push_back(at::ones({n}, s.options()));
-      ap = ones.back().data_ptr<double>();
-      has_dt.push_back(false);
-    } else {
-      TORCH_CHECK(a.numel() == n && a.scalar_type() == at::kDouble && a.is_contiguous(), "embedding_net_backward: timestep ", l);
-      ap = a.data_ptr<double>();
-      has_dt.push_back(true);
-    }
-    layers.push_back(Layer{w.data_ptr<double>(), b.data_ptr<double>(), ap, width, n, sc, w});
-    P += width * n + n + (has_dt.back() ? n : 0);
-    width = n;
-  }
+  const Net net = checked_net("embedding_net_backward", s, weights, biases, timesteps, shortcuts, block);
+  const std::vector<Layer>& layers = net.layers;
+  const int64_t width = net.width;
+  int64_t P = 0;  // gradient entries: per layer dW, db and (with a timestep) da
+  for (const Layer& ly : layers) P += ly.n_in * ly.n_out + ly.n_out + (ly.has_dt ? ly.n_out : 0);
   const int64_t R = s.size(0);
   TORCH_CHECK(gG.dim() == 2 && gG.size(0) == R && gG.size(1) == width && gG.scalar_type() == at::kDouble,
               "embedding_net_backward: gG must be [R, M1] float64");
@@ -627,7 +614,7 @@ std::vector<at::Tensor> embedding_net_backward(const at::Tensor& s, at::TensorLi
       for (int64_t q = c * nblocks / nchunks; q < (c + 1) * nblocks / nchunks; ++q) {
         const int64_t r0 = q * block;
         const int64_t rows = std::min(block, R - r0);
-        backward_block(sp + r0, rows, layers, has_dt, w_t, ordered, gp + r0 * width, with_t ? gtp + r0 * width : nullptr, one.data());
+        backward_block(sp + r0, rows, layers, w_t, ordered, gp + r0 * width, with_t ? gtp + r0 * width : nullptr, one.data());
         for (int64_t p = 0; p < P; ++p) acc[p] += one[p];
       }
     }
@@ -643,13 +630,13 @@ std::vector<at::Tensor> embedding_net_backward(const at::Tensor& s, at::TensorLi
   });
   std::vector<at::Tensor> result;
   int64_t off = 0;
-  for (int64_t l = 0; l < L; ++l) {
+  for (int64_t l = 0; l < static_cast<int64_t>(layers.size()); ++l) {
     const int64_t n_in = layers[l].n_in, n = layers[l].n_out;
     result.push_back(total.narrow(0, off, n_in * n).view({n_in, n}));
     off += n_in * n;
     result.push_back(total.narrow(0, off, n));
     off += n;
-    if (has_dt[l]) {
+    if (layers[l].has_dt) {
       result.push_back(total.narrow(0, off, n));
       off += n;
     } else {

@@ -215,14 +215,15 @@ def _vector_flags() -> List[str]:
     return {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mprefer-vector-width=512"]}.get(_capability(), [])
 
 
-def packed_layers(mlp: torch.nn.Module) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], List[int]]:
-    """(weights, biases, timesteps — empty when none —, shortcuts) of an MLP's layers, detached."""
+def packed_layers(mlp: torch.nn.Module, params: Optional[List[torch.Tensor]] = None) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor], List[int]]:
+    """(weights, biases, timesteps — empty when none —, shortcuts) of an MLP's layers, detached;
+    taken from ``params`` (in :func:`_layer_parameters` order, e.g. saved tensors) when given."""
+    tensors = iter(_layer_parameters(mlp) if params is None else params)
     weights, biases, steps, shortcuts = [], [], [], []
     for layer in mlp.layers:
-        weights.append(layer.weight.detach().contiguous())
-        biases.append(layer.bias.detach().contiguous())
-        idt = layer.idt
-        steps.append(idt.detach().contiguous() if idt is not None else layer.weight.new_empty(0))
+        weights.append(next(tensors).detach().contiguous())
+        biases.append(next(tensors).detach().contiguous())
+        steps.append(next(tensors).detach().contiguous() if layer.idt is not None else layer.weight.new_empty(0))
         shortcuts.append(int(layer.shortcut))
     return weights, biases, steps, shortcuts
 
@@ -398,21 +399,7 @@ class _TrainingEmbedding(torch.autograd.Function):
 def _parameter_gradients(mlp: torch.nn.Module, x: torch.Tensor, params: List[torch.Tensor], g_g: torch.Tensor, g_gp: Optional[torch.Tensor]) -> tuple:
     """The gradients of ``params`` (the saved :func:`_layer_parameters`, in that order) for
     cotangents g_g of G and g_gp of dG/ds (None: zero), from ``embedding_net_backward``."""
-    weights: List[torch.Tensor] = []
-    biases: List[torch.Tensor] = []
-    steps: List[torch.Tensor] = []
-    shortcuts: List[int] = []
-    k = 0
-    for layer in mlp.layers:
-        weights.append(params[k].detach().contiguous())
-        biases.append(params[k + 1].detach().contiguous())
-        k += 2
-        if layer.idt is not None:
-            steps.append(params[k].detach().contiguous())
-            k += 1
-        else:
-            steps.append(x.new_empty(0))
-        shortcuts.append(int(layer.shortcut))
+    weights, biases, steps, shortcuts = packed_layers(mlp, params)
     empty = g_g.new_empty(0)
     grads = torch.ops.dpelt.embedding_net_backward(x.reshape(-1).contiguous(), weights, biases, steps, shortcuts, g_g, empty if g_gp is None else g_gp, BLOCK_ROWS)
     out: List[torch.Tensor] = []
