@@ -143,6 +143,32 @@ def test_named_dpelt_options_exist():
     assert not bad, "options the CLI does not have:\n" + "\n".join(sorted(set(bad)))
 
 
+# repository files named in the docs (run outputs such as iter/NNN/..., and bench/work/, are not)
+REPO_PATH = re.compile(r"^(?:(?:config|docs|scripts|bench|tests|rules|pipeline|\.ci)/[\w./*-]*|Makefile|Snakefile|constraints\.txt|mkdocs\.yml|pyproject\.toml|dvc\.yaml)$")
+
+
+def test_named_repository_files_exist():
+    """Every repository path in the code of README.md and docs/*.md exists (globs match something)."""
+    bad = []
+    for page in pages():
+        for code in code_texts(page.read_text()):
+            for token in code.split():
+                token = token.strip("'\"(),;:")
+                if not REPO_PATH.match(token) or token.startswith("bench/work"):
+                    continue
+                if not (any(ROOT.glob(token)) if "*" in token else (ROOT / token).exists()):
+                    bad.append(f"{page.name}: {token}")
+    assert not bad, "files named in the docs that do not exist:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_named_make_targets_exist():
+    targets = set(re.findall(r"^([\w.-]+):", (ROOT / "Makefile").read_text(), re.M))
+    named = {(page.name, t) for page in pages() for code in code_texts(page.read_text()) for t in re.findall(r"(?:^|[\s;&|(])make[ \t]+([a-z][\w-]*)", code)}
+    assert {t for _, t in named} >= {"run", "test"}
+    missing = sorted(f"{page}: make {t}" for page, t in named if t not in targets)
+    assert not missing, "no such Makefile targets: " + ", ".join(missing)
+
+
 def _schema_keys() -> tuple[set[str], set[str]]:
     """(every dotted key path of the run config schema, every key name at any depth)."""
     from pipeline.runconfig import SCHEMA
