@@ -121,23 +121,32 @@ def _load_frame(path: str, index: int | None, system: str | None = None, seed: i
     raise DpeltError("has fewer frames than the index asked for", path=path, key="frame")
 
 
+def _task_from_spec(spec: dict, name: str, seed: int, iteration: int):
+    """An MDTask from the workflow's JSON task spec (explore section values of the stage)."""
+    from dataclasses import replace
+
+    from .config import parse_dataclass
+    from .explore.bias import BiasConfig
+    from .explore.guards import GuardConfig
+    from .explore.md import MDTask
+
+    spec = dict(spec)
+    bias_spec = dict(spec.pop("bias", {}))
+    bias = parse_dataclass(BiasConfig, bias_spec | {"trust_lo": spec.pop("trust_lo", 0.05), "trust_hi": spec.pop("trust_hi", 0.15)}, "explore.bias", "--spec")
+    guards = parse_dataclass(GuardConfig, spec.pop("guards", {}), "explore.guards", "--spec")
+    task = parse_dataclass(MDTask, spec | {"name": name, "seed": seed, "iteration": iteration}, "explore", "--spec")
+    return replace(task, bias=bias, guards=guards)
+
+
 def _cmd_explore(args: argparse.Namespace) -> None:
     from .calculator import EnsembleCalculator
-    from .config import parse_dataclass
     from .explore.bias import BiasConfig
     from .explore.guards import GuardConfig
     from .explore.md import MDTask, run_md
 
     name = args.name or Path(args.output).name
     if args.spec is not None:
-        spec = _spec(args.spec, "explore")
-        bias_spec = dict(spec.pop("bias", {}))
-        bias = parse_dataclass(BiasConfig, bias_spec | {"trust_lo": spec.pop("trust_lo", 0.05), "trust_hi": spec.pop("trust_hi", 0.15)}, "explore.bias", "--spec")
-        guards = parse_dataclass(GuardConfig, spec.pop("guards", {}), "explore.guards", "--spec")
-        task = parse_dataclass(MDTask, spec | {"name": name, "seed": args.seed, "iteration": args.iteration}, "explore", "--spec")
-        from dataclasses import replace
-
-        task = replace(task, bias=bias, guards=guards)
+        task = _task_from_spec(_spec(args.spec, "explore"), name, args.seed, args.iteration)
     else:
         if args.temp is None or args.nsteps is None:
             raise DpeltError("give --spec, or at least --temp and --nsteps", key="explore")
@@ -152,6 +161,29 @@ def _cmd_explore(args: argparse.Namespace) -> None:
     calc = EnsembleCalculator(args.models, drive=task.drive, bias=task.bias, threads=args.threads)
     summary = run_md(task, atoms, calc, args.output, source=f"{args.start}:{args.system or args.frame}")
     print(f"{task.name}: {summary['status']}{' (' + summary['reason'] + ')' if summary['reason'] else ''}, {summary['frames']} frames, {summary['steps_done']} steps")
+
+
+def _cmd_explore_batch(args: argparse.Namespace) -> None:
+    import json
+
+    from .explore.batched import explore_batch
+    from .fileio import write_json_atomic
+
+    try:
+        items = json.loads(args.tasks)
+    except json.JSONDecodeError as exc:
+        raise DpeltError(f"--tasks is not valid JSON: {exc}", key="explore") from None
+    if not isinstance(items, list) or not all(isinstance(x, dict) and {"name", "seed", "spec"} <= set(x) for x in items):
+        raise DpeltError("--tasks must be a JSON list of {name, system, seed, spec}", key="explore")
+    out = Path(args.output)
+    tasks = [_task_from_spec(x["spec"], x["name"], int(x["seed"]), args.iteration) for x in items]
+    starts = [_load_frame(args.start, None, x.get("system"), int(x["seed"])) for x in items]
+    sources = [f"{args.start}:{x.get('system')}" for x in items]
+    print(f"explore: batched, {len(tasks)} walkers × {len(args.models)} members in one process (explore.batched: true)")
+    summaries = explore_batch(tasks, starts, args.models, [out / t.name for t in tasks], sources, threads=args.threads)
+    for s in summaries:
+        print(f"{s['task']['name']}: {s['status']}{' (' + s['reason'] + ')' if s['reason'] else ''}, {s['frames']} frames, {s['steps_done']} steps")
+    write_json_atomic(out / "batch.json", {"batched": True, "tasks": summaries})
 
 
 def _cmd_select(args: argparse.Namespace) -> None:
@@ -354,6 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--devi-patience", type=int, default=3, help="guard: ... for this many kept frames in a row")
     x.add_argument("--threads", type=int, default=1)
     x.set_defaults(func=_cmd_explore)
+
+    xb = sub.add_parser("explore-batch", help="all exploration tasks of an iteration in one process (one batched model evaluation per MD step)")
+    xb.add_argument("-m", "--models", nargs="+", required=True, help="model files of the ensemble (the first drives)")
+    xb.add_argument("--start", required=True, help="frames file with the start configurations")
+    xb.add_argument("--tasks", required=True, help="JSON list of {name, system, seed, spec} (spec as for explore --spec)")
+    xb.add_argument("-o", "--output", required=True, help="directory: OUTPUT/<name>/{frames.nc, md.json, md.log} per task, OUTPUT/batch.json last")
+    xb.add_argument("--iteration", type=int, default=-1)
+    xb.add_argument("--threads", type=int, default=1)
+    xb.set_defaults(func=_cmd_explore_batch)
 
     se = sub.add_parser("select", help="classify explored frames by model deviation and pick candidates to label")
     se.add_argument("frames", nargs="+", help="exploration outputs (frames.nc)")

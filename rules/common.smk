@@ -4,6 +4,7 @@
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 
@@ -116,7 +117,18 @@ def task_table(i):
 
 
 def explore_outputs(wc):
+    if config["explore"]["batched"]:  # the task files exist once the iteration's batch job ran
+        checkpoints.explore_batch.get(i=wc.i)
     return [f"{iter_dir(wc.i)}/explore/{t}/frames.nc" for t in sorted(task_table(wc.i))]
+
+
+def explore_batch_tasks(wc):
+    """Every task of iteration {i} as JSON [{name, system, seed, spec}] (explore.batched)."""
+    tasks = []
+    for t in sorted(task_table(wc.i)):
+        w = SimpleNamespace(i=wc.i, task=t)
+        tasks.append({"name": t, "system": explore_system(w), "seed": explore_seed(w), "spec": json.loads(explore_spec(w))})
+    return spec_json(tasks)
 
 
 def explore_spec(wc):
