@@ -104,7 +104,8 @@ def test_walker_alone_equals_walker_in_a_batch(models, tmp_path):
     a = task("a", ensemble="nvt", seed=11)
     b = task("b", ensemble="nvt", seed=12, temperature_K=600.0)
     c = task("c", ensemble="nvt", seed=13, nsteps=6)  # ends early: the batch shrinks
-    start_a, start_b, start_c = crystal(rattle=0.03, seed=1), crystal(("Au",), a=4.1, rattle=0.03, seed=2), crystal(("Cu",), a=3.6)
+    # b shares a's super-frame (same elements), c is evaluated apart (copper only)
+    start_a, start_b, start_c = crystal(rattle=0.03, seed=1), crystal(("Au", "Cu", "Cu"), a=3.8, rattle=0.03, seed=2), crystal(("Cu",), a=3.6)
     explore_batch([a], [start_a], models, [tmp_path / "alone"])
     explore_batch([b, a, c], [start_b, start_a, start_c], models, [tmp_path / "b", tmp_path / "a", tmp_path / "c"])
     assert_same_files(tmp_path / "alone", tmp_path / "a", atol=1e-9)
