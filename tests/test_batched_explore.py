@@ -164,3 +164,40 @@ def test_cli_writes_every_task_and_the_manifest(models, tmp_path):
     # the same task through `dpelt explore` (the per-task rule) gives the same files
     assert main(["explore", "-m", *paths, "--start", str(tmp_path / "init.nc"), "--system", "cu", "--spec", json.dumps(spec), "-o", str(tmp_path / "one"), "--name", "cu_T300", "--seed", "7", "--iteration", "3"]) in (0, None)
     assert_same_files(tmp_path / "one", out / "cu_T300", atol=1e-9)
+
+
+def _batched_run_dir(tmp_path):
+    import yaml
+    from test_workflow import ROOT, workflow_dir
+
+    cfg = yaml.safe_load((ROOT / "config" / "test.yaml").read_text())
+    cfg["explore"]["batched"] = True
+    cfg["explore"]["stages"][0]["temps"] = [300.0, 600.0]
+    cfg["max_iter"] = 1
+    return workflow_dir(tmp_path, cfg)
+
+
+def test_workflow_dry_run_schedules_one_batch_job(tmp_path):
+    from test_workflow import snakemake
+
+    run = _batched_run_dir(tmp_path)
+    dry = snakemake(run, "-n", configfile="config/run.yaml")
+    assert "explore_batch" in dry.stdout and "rule explore:" not in dry.stdout
+    lint = snakemake(run, "--lint", configfile="config/run.yaml", check=False)
+    findings = {line.strip() for line in lint.stdout.splitlines() + lint.stderr.splitlines() if line.strip().startswith("* ")}
+    assert findings <= {"* Specify a conda environment or container for each rule.:"}, findings
+
+
+@pytest.mark.slow
+def test_workflow_batched_iteration_writes_every_task(tmp_path):
+    """One iteration with explore.batched: one exploration job, every task's files, select reads them."""
+    from test_workflow import snakemake
+
+    run = _batched_run_dir(tmp_path)
+    snakemake(run, "--cores", "2", configfile="config/run.yaml")
+    assert sorted(p.name for p in (run / "benchmarks" / "explore").iterdir()) == ["000_batch.tsv"]
+    for task in ("cu_T300", "cu_T600"):
+        assert frames(run / "iter/000/explore" / task).sizes["frame"] > 0
+    report = json.loads((run / "iter/000/select/report.json").read_text())
+    assert report  # select ran on the batch's files
+    assert "walkers" in (run / "logs/explore/000_batch.log").read_text()
