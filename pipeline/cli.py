@@ -447,9 +447,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .recovery import job_record
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with job_record("."):  # a job of a Snakemake run records its PID for `dpelt resume`
+            args.func(args)
     except DpeltError as exc:
         print(f"dpelt: error: {exc}", file=sys.stderr)
         return 2

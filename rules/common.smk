@@ -29,6 +29,14 @@ else:
     os.environ.pop("DPELT_LABEL_TIMEOUT", None)
 
 
+onstart:
+    # `dpelt resume` knows this run's driver (and, through it, its jobs) from this record, never
+    # from command lines; dpelt jobs record themselves when their ancestor is this driver
+    from pipeline.recovery import record_driver
+
+    record_driver(".")
+
+
 wildcard_constraints:
     i=r"\d{3}",
     k=r"\d+",
