@@ -681,3 +681,17 @@ def test_yaml_and_dp_hold_the_same_tree(tmp_path, alloy_model):
         assert tree["model"]["descriptor"]["@variables"]["davg"].startswith("/variable_")
     write_deepmd_file(a, tmp_path / "copy.dp")
     assert not _same_tree(read_deepmd_file(tmp_path / "copy.dp"), a)
+
+
+def test_package_docstring_says_what_imports(tmp_path):
+    """The package's summary lists exactly the importable suffixes; a .pt checkpoint is refused."""
+    import pipeline.interop as interop
+    from pipeline.interop.deepmd_format import IMPORT_SUFFIXES
+
+    doc = interop.__doc__
+    for suffix in IMPORT_SUFFIXES:
+        assert f"``{suffix}``" in doc, suffix
+    (tmp_path / "model.ckpt.pt").write_bytes(b"")
+    with pytest.raises(ModelFileError, match="training checkpoint"):
+        import_deepmd(tmp_path / "model.ckpt.pt")
+    assert re.search(r"``\.pt`` training checkpoint is refused", doc)

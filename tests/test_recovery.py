@@ -299,3 +299,37 @@ def test_exploded_task_does_not_stop_the_iteration(tmp_path):
     (tmp_path / "t" / "md.json").write_text('{"status": "stopped", "reason": "atoms 0.3 A apart", "steps_done": 0}')
     r = select([tmp_path / "a.nc", tmp_path / "t" / "frames.nc"], SelectConfig(trust_lo=0.05, trust_hi=0.2, conv_accuracy=0.1), seed=1, out_dir=tmp_path / "s3")
     assert not r["converged"] and "apart" in r["stopped_tasks"][0]["reason"]
+
+
+def test_restore_checks_its_tools_before_moving_anything(tmp_path, monkeypatch):
+    """dvc missing (not beside the interpreter, not on PATH): one error, no iteration moved."""
+    from pipeline.errors import DpeltError
+    from pipeline.versioning import restore
+
+    run = tmp_path / "run"
+    for i in range(3):
+        (run / "iter" / f"{i:03d}" / "eval").mkdir(parents=True)
+    (run / ".dvc").mkdir()
+    for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=ci@example.org", "-c", "user.name=ci", "commit", "-q", "--allow-empty", "-m", "x"], ["git", "tag", "iter-000"]):
+        subprocess.run(cmd, cwd=run, check=True)
+    only_git = tmp_path / "bin"
+    only_git.mkdir()
+    (only_git / "git").symlink_to(shutil.which("git"))
+    monkeypatch.setenv("PATH", str(only_git))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "elsewhere" / "python"))
+    with pytest.raises(DpeltError, match="dvc is not installed"):
+        restore(run, "iter-000")
+    assert sorted(p.name for p in (run / "iter").iterdir()) == ["000", "001", "002"] and not (run / "attic").exists()
+
+
+def test_restore_from_the_venv_without_activating_it(tmp_path, finished_run):
+    """`.venv/bin/dpelt restore` with a PATH that has no dvc: dpelt finds the dvc beside itself."""
+    run = tmp_path / "pub"
+    shutil.copytree(finished_run, run, symlinks=True)
+    assert subprocess.run([str(BIN / "dpelt"), "publish", "--all"], cwd=run, env=env(), capture_output=True).returncode == 0
+    bare = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"PATH": "/usr/bin:/bin"}
+    assert shutil.which("dvc", path=bare["PATH"]) is None
+    r = subprocess.run([str(BIN / "dpelt"), "restore", "iter-000"], cwd=run, env=bare, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not (run / "iter" / "001").exists() and list((run / "attic").glob("*/001"))
+    assert (run / "iter" / "000" / "label" / "frames.nc").exists()

@@ -3,8 +3,9 @@
 ``export_deepmd`` writes DeePMD-kit's backend-independent format (``.dp`` HDF5 or ``.yaml``),
 which ``dp convert-backend`` turns into a ``.pth`` for DeePMD-kit's ``DeepPot``, ``dp test``,
 its ASE calculator and LAMMPS' ``pair_style deepmd``; ``import_deepmd`` reads ``.dp``,
-``.yaml``/``.yml``, frozen ``.pth`` and ``.pt`` checkpoints of DeePMD-kit's PyTorch backend
-(without importing DeePMD-kit and without running code from the file).
+``.yaml``/``.yml`` and frozen ``.pth`` files of DeePMD-kit's PyTorch backend (without importing
+DeePMD-kit and without running code from the file). A ``.pt`` training checkpoint is refused
+with the command that freezes or converts it.
 """
 
 __all__ = ["export_deepmd", "import_deepmd"]
