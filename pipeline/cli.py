@@ -168,6 +168,8 @@ def _cmd_select(args: argparse.Namespace) -> None:
     for p in args.labelled or []:
         for ds in read_systems(p):
             labelled.update(frame_ids(ds).tolist())
+    if cfg.spread == "fps" and not args.model:  # refused before any work, however many candidates
+        raise DpeltError("--spread fps measures frames with a model's descriptor: give it with -m MODEL", key="spread")
     model = None
     if args.model:  # only farthest-point spreading needs a model (and torch: ~2 s to import)
         from .model.serialize import load_model

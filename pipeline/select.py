@@ -231,6 +231,7 @@ def select(
         "candidates_available": len(pool),
         "selected": len(chosen),
         "max_labels": cfg.max_labels,
+        "spread": cfg.spread,
         "seed": int(seed),
         "conv_accuracy": cfg.conv_accuracy,
         # a trajectory the guards had to stop is an exploration the models do not get right,

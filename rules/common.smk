@@ -172,6 +172,11 @@ def models_of(wc):
     return [f"{iter_dir(wc.i)}/train/{k}/model.pt" for k in range(NUMB_MODELS)]
 
 
+def fps_model(wc):
+    """The model whose descriptors spread the picked candidates (select.spread: fps), else none."""
+    return models_of(wc)[:1] if config["select"]["spread"] == "fps" else []
+
+
 def warm_start_model(wc):
     if config["train"]["warm_start"] and int(wc.i) > 0:
         return [ancient(f"{iter_dir(int(wc.i) - 1)}/train/{wc.k}/model.pt")]
