@@ -15,7 +15,7 @@ from pipeline.seeds import derive_seed
 # the file named in errors: the last --configfile, else the default config
 CONFIG_SOURCE = str(workflow.overwrite_configfiles[-1]) if workflow.overwrite_configfiles else "config/config.yaml"
 try:
-    validate_schema(config, Path(workflow.basedir) / "config" / "schema.yaml", CONFIG_SOURCE)  # one line naming the key
+    validate_schema(config, CONFIG_SOURCE)  # pipeline/schema.yaml; one line naming the key
     # the init inputs (init.data, structure files) only matter until the initial data exist
     cross_check(config, source=CONFIG_SOURCE, check_paths=not Path("data/init/frames.nc").exists())
 except ConfigError as exc:

@@ -40,3 +40,20 @@ def test_every_imported_package_is_declared():
         if not names & declared:
             missing[module] = where
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"
+
+
+def test_a_built_wheel_validates_a_config(tmp_path):
+    """The schema ships inside the package: a wheel (a non-editable install) holds it, and the
+    validator reads it from the package, not from config/ beside a checkout."""
+    import subprocess
+    import zipfile
+
+    from pipeline.runconfig import schema, schema_default
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("dpelt-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "pipeline/schema.yaml" in names and "pipeline/model/embedding_kernel.cpp" in names
+    assert not (ROOT / "config" / "schema.yaml").exists()  # one schema, in the package
+    assert schema()["properties"]["label"]["properties"]["max_force"]["default"] == schema_default("label.max_force") == 50.0
