@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .errors import DpeltError
 from .interop.cli import add_interop_parsers
-from .label.cli import TIMEOUT_HELP, add_label_parser, label_timeout
+from .label.cli import TIMEOUT_HELP, add_label_parser, seconds_or_none
 
 
 def _spec(text: str | None, what: str) -> dict:
@@ -30,6 +30,15 @@ def _spec(text: str | None, what: str) -> dict:
     if not isinstance(data, dict):
         raise DpeltError("--spec must be a JSON object", key=what)
     return data
+
+
+def _default(value, key: str):
+    """An option's value, else the run config schema's default of ``key`` (the one place defaults live)."""
+    if value is not None:
+        return value
+    from .runconfig import schema_default
+
+    return schema_default(key)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -161,8 +170,9 @@ def _cmd_select(args: argparse.Namespace) -> None:
 
     cfg = SelectConfig(
         trust_lo=args.trust_lo, trust_hi=args.trust_hi, v_trust_lo=args.v_trust_lo, v_trust_hi=args.v_trust_hi,
-        max_labels=args.max_labels, spread=args.spread, adapt_numb_candi=args.adapt_numb_candi,
-        adapt_perc_candi=args.adapt_perc_candi, conv_accuracy=args.conv_accuracy,
+        max_labels=_default(args.max_labels, "select.max_labels"), spread=_default(args.spread, "select.spread"),
+        adapt_numb_candi=args.adapt_numb_candi, adapt_perc_candi=_default(args.adapt_perc_candi, "select.adapt_perc_candi"),
+        conv_accuracy=_default(args.conv_accuracy, "select.conv_accuracy"),
     )
     labelled = set()
     for p in args.labelled or []:
@@ -184,29 +194,29 @@ def _cmd_select(args: argparse.Namespace) -> None:
 
 def _cmd_init(args: argparse.Namespace) -> None:
     from .init_data import make_init, parse_init_spec
+    from .runconfig import resolved_section
     from .runtime import configure_torch
 
     configure_torch(args.threads)
     spec = _spec(args.spec, "init")
     init = parse_init_spec(spec.get("init", {}), source="--spec")
-    oracle = spec.get("label", {}).get("oracle", {"name": "emt"})
-    max_force = spec.get("label", {}).get("max_force", 50.0)
-    s = make_init(init, oracle, spec["type_map"], args.output, args.seed, args.workdir, max_force=max_force, timeout=label_timeout(args.timeout))
+    label = resolved_section("label", spec.get("label"), "--spec")
+    s = make_init(init, label["oracle"], spec["type_map"], args.output, args.seed, args.workdir, max_force=label["max_force"], timeout=args.timeout)
     print("; ".join(f"{x['system']}: {x['frames']} frames of {x['natoms']} atoms" for x in s["systems"]) + (f"; {len(s['failures'])} failed labels" if s["failures"] else ""))
 
 
 def _cmd_holdout(args: argparse.Namespace) -> None:
     from .init_data import OracleMDSpec, make_holdout, parse_init_spec
+    from .runconfig import resolved_section
     from .runtime import configure_torch
 
     configure_torch(args.threads)
     spec = _spec(args.spec, "holdout")
     init = parse_init_spec(spec.get("init", {}), source="--spec")
-    h = spec.get("holdout", {})
-    md = OracleMDSpec(trj_freq=h.get("trj_freq", 20), dt_fs=h.get("dt_fs", 2.0), equilibration=h.get("equilibration", 200))
-    oracle = spec.get("label", {}).get("oracle", {"name": "emt"})
-    max_force = spec.get("label", {}).get("max_force", 50.0)
-    s = make_holdout(init, spec["systems"], spec["temperatures_K"], h.get("frames", 10), md, oracle, spec["type_map"], args.output, args.seed, args.workdir, max_force, timeout=label_timeout(args.timeout))
+    h = resolved_section("holdout", spec.get("holdout"), "--spec")
+    md = OracleMDSpec(trj_freq=h["trj_freq"], dt_fs=h["dt_fs"], equilibration=h["equilibration"])
+    label = resolved_section("label", spec.get("label"), "--spec")
+    s = make_holdout(init, spec["systems"], spec["temperatures_K"], h["frames"], md, label["oracle"], spec["type_map"], args.output, args.seed, args.workdir, label["max_force"], timeout=args.timeout)
     print("; ".join(f"{x['system']}: {x['frames']} frames" for x in s["systems"]) + (f"; {len(s['failures'])} failed labels" if s["failures"] else ""))
     for failure in s["failures"]:
         print(f"  {failure}")
@@ -364,14 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--trust-hi", type=float, required=True, help="eV/Å")
     se.add_argument("--v-trust-lo", type=float, help="eV/atom (virial, optional)")
     se.add_argument("--v-trust-hi", type=float, help="eV/atom (virial, optional)")
-    se.add_argument("--max-labels", type=int, default=100, help="at most this many candidates are picked")
+    se.add_argument("--max-labels", type=int, help="at most this many candidates are picked (default: select.max_labels of the run config schema)")
     se.add_argument("--seed", type=int, required=True)
     se.add_argument("--iteration", type=int)
-    se.add_argument("--spread", default="random", choices=["random", "fps"], help="fps: farthest-point sampling in descriptor space (needs -m)")
+    se.add_argument("--spread", choices=["random", "fps"], help="fps: farthest-point sampling in descriptor space (needs -m; default: select.spread)")
     se.add_argument("-m", "--model", help="model for descriptors (spread fps)")
     se.add_argument("--adapt-numb-candi", type=int, help="adaptive trust_lo: at least this many candidates")
-    se.add_argument("--adapt-perc-candi", type=float, default=0.0, help="adaptive trust_lo: at least this fraction of the frames below trust_hi")
-    se.add_argument("--conv-accuracy", type=float, default=0.95, help="converged when the accurate ratio reaches this")
+    se.add_argument("--adapt-perc-candi", type=float, help="adaptive trust_lo: at least this fraction of the frames below trust_hi (default: select.adapt_perc_candi)")
+    se.add_argument("--conv-accuracy", type=float, help="converged when the accurate ratio reaches this (default: select.conv_accuracy)")
     se.add_argument("--labelled", nargs="*", help="frames already labelled (never picked again)")
     se.set_defaults(func=_cmd_select)
 
@@ -384,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--workdir", default="work/init", help="directory for the oracle's task files")
     i.add_argument("--seed", type=int, required=True)
     i.add_argument("--threads", type=int, default=1)
-    i.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
+    i.add_argument("--timeout", type=seconds_or_none, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
     i.set_defaults(func=_cmd_init)
 
     h = sub.add_parser("holdout", help="build the held-out oracle MD frames of a run")
@@ -393,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--workdir", default="work/holdout")
     h.add_argument("--seed", type=int, required=True)
     h.add_argument("--threads", type=int, default=1)
-    h.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
+    h.add_argument("--timeout", type=seconds_or_none, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
     h.set_defaults(func=_cmd_holdout)
 
     ev = sub.add_parser("evaluate", help="errors of an ensemble (members and mean) on labelled frames")

@@ -54,6 +54,17 @@ def _default_filling_validator(schema: dict):
     return jsonschema.validators.extend(base, {"properties": set_defaults})(schema)
 
 
+def resolved_section(name: str, section: dict | None, source: str | None = None) -> dict:
+    """Top-level section ``name`` of a run config with the schema's defaults filled in and
+    checked: what a job gets from a --spec written by hand as from the workflow."""
+    data = copy.deepcopy(section) if section is not None else {}
+    errors = sorted(_default_filling_validator(schema()["properties"][name]).iter_errors(data), key=lambda e: len(list(e.absolute_path)))
+    if errors:
+        where = _where(errors[0])
+        raise ConfigError(errors[0].message, path=source, key=name if where == "(top level)" else f"{name}.{where}")
+    return data
+
+
 def _where(error) -> str:
     path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in error.absolute_path).replace(".[", "[")
     return path or "(top level)"

@@ -21,20 +21,10 @@ try:
 except ConfigError as exc:
     raise WorkflowError(f"dpelt: invalid configuration: {exc}") from None
 
-# label.timeout reaches `dpelt label`, `dpelt init` and `dpelt holdout` through the environment, not
-# through the rules' commands or params: a new or changed limit must not rerun finished steps.
-if config["label"]["timeout"] is not None:
-    os.environ.update(DPELT_LABEL_TIMEOUT=str(config["label"]["timeout"]))  # (set, not read: no envvars directive)
-else:
-    os.environ.pop("DPELT_LABEL_TIMEOUT", None)
-
-
-onstart:
-    # `dpelt resume` knows this run's driver (and, through it, its jobs) from this record, never
-    # from command lines; dpelt jobs record themselves when their ancestor is this driver
-    from pipeline.recovery import record_driver
-
-    record_driver(".")
+# label.timeout reaches `dpelt label`, `dpelt init` and `dpelt holdout` as their --timeout, through
+# a job resource (rules use `resources: label_timeout=LABEL_TIMEOUT`): unlike a param, a resource
+# is no rerun trigger, so a new or changed limit does not rerun finished steps.
+LABEL_TIMEOUT = "none" if config["label"]["timeout"] is None else repr(float(config["label"]["timeout"]))
 
 
 wildcard_constraints:

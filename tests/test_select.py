@@ -142,3 +142,16 @@ def test_fps_spread_through_the_workflow(tmp_path, finished_run):
     report = json.loads((run / "iter/000/select/report.json").read_text())
     assert report["spread"] == "fps" and report["candidates_available"] > report["selected"] == 1
     assert len(read_frames(run / "iter/000/select/candidates.nc")[0]["frame"]) == 1
+
+
+def test_select_cli_defaults_come_from_the_run_config_schema(tmp_path, capsys):
+    """Options left out take the schema's defaults (select.max_labels: 50), not argparse's own."""
+    from pipeline.cli import main
+    from pipeline.runconfig import schema_default
+
+    write_frames(tmp_path / "a.nc", explored(np.full(80, 0.1)))  # 80 candidates
+    assert main(["select", str(tmp_path / "a.nc"), "-o", str(tmp_path / "s"), "--trust-lo", "0.05", "--trust-hi", "0.15", "--seed", "1"]) == 0
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    for key in ("max_labels", "spread", "conv_accuracy"):
+        assert report[key] == schema_default(f"select.{key}"), key
+    assert report["selected"] == schema_default("select.max_labels") == 50
