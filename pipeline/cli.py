@@ -183,6 +183,9 @@ def _cmd_select(args: argparse.Namespace) -> None:
     model = None
     if args.model:  # only farthest-point spreading needs a model (and torch: ~2 s to import)
         from .model.serialize import load_model
+        from .runtime import configure_torch
+
+        configure_torch(_default(args.threads, "threads.evaluate"))
 
         model = load_model(args.model)
     r = select(args.frames, cfg, args.seed, args.output, model=model, iteration=args.iteration, labelled_ids=labelled)
@@ -383,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--adapt-perc-candi", type=float, help="adaptive trust_lo: at least this fraction of the frames below trust_hi (default: select.adapt_perc_candi)")
     se.add_argument("--conv-accuracy", type=float, help="converged when the accurate ratio reaches this (default: select.conv_accuracy)")
     se.add_argument("--labelled", nargs="*", help="frames already labelled (never picked again)")
+    se.add_argument("--threads", type=int, help="torch threads of the descriptor evaluation (spread fps; default: threads.evaluate)")
     se.set_defaults(func=_cmd_select)
 
     add_label_parser(sub)

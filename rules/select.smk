@@ -35,6 +35,6 @@ checkpoint select:
         "benchmarks/select/{i}.tsv"
     threads: THREADS["evaluate"]
     shell:
-        "DPELT_THREADS={params.threads} dpelt select {input.frames} -o iter/{wildcards.i}/select {params.trust} {params.virial} {params.adapt} "
+        "dpelt select {input.frames} -o iter/{wildcards.i}/select {params.trust} {params.virial} {params.adapt} "
         "--max-labels {params.max_labels} --spread {params.spread} {params.model} --conv-accuracy {params.conv} --seed {params.seed} "
-        "--iteration {wildcards.i} --labelled {input.known} > {log} 2>&1"
+        "--iteration {wildcards.i} --labelled {input.known} --threads {params.threads} > {log} 2>&1"

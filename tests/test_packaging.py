@@ -57,3 +57,12 @@ def test_a_built_wheel_validates_a_config(tmp_path):
     assert "pipeline/schema.yaml" in names and "pipeline/model/embedding_kernel.cpp" in names
     assert not (ROOT / "config" / "schema.yaml").exists()  # one schema, in the package
     assert schema()["properties"]["label"]["properties"]["max_force"]["default"] == schema_default("label.max_force") == 50.0
+
+
+def test_settings_reach_jobs_as_arguments_not_environment():
+    """The workflow hands every setting to a job on its command line: no rule sets a DPELT_
+    variable for its command, and no rule file changes the driver's os.environ."""
+    for f in sorted((ROOT / "rules").glob("*.smk")) + [ROOT / "Snakefile"]:
+        text = f.read_text()
+        assert not re.search(r"\bDPELT_[A-Z_]+=", text), f
+        assert "os.environ" not in text, f
