@@ -552,7 +552,9 @@ def _layers(r: _Reader, net: dict, where: str, n_in: int, widths: list, final: b
         n_out = widths[li] if hidden else 1
         r.require(layer, "activation_function", ("tanh",) if hidden else ("none", "linear", None), lw, default="tanh" if hidden else "none")
         r.require(layer, "bias", (True,), lw, default=True)
-        if layer.get("precision") not in (None, precision):
+        # "default" is DeePMD-kit's name of float64 (a network built without a precision says
+        # "default" while its layers say "float64"): compare the dtypes, not the spellings
+        if layer.get("precision") is not None and _PRECISIONS.get(layer["precision"], layer["precision"]) != _PRECISIONS.get(precision, precision):
             raise r.error(f"layer precision {layer.get('precision')!r} differs from the network's {precision!r}; dpelt uses one precision per model", f"{lw}.precision")
         shortcut = hidden and (n_out == width or n_out == 2 * width)
         theirs = bool(layer.get("resnet", False)) and (n_out == width or n_out == 2 * width)
