@@ -24,7 +24,9 @@ import torch
 
 from conftest import WATER, random_system, randomize_stats, run_model
 from pipeline.errors import ModelFileError
-from pipeline.interop.deepmd_format import deepmd_dict, export_deepmd, import_deepmd, model_from_deepmd_dict, read_deepmd_file, write_deepmd_file
+from pipeline.interop.deepmd_export import deepmd_dict, export_deepmd
+from pipeline.interop.deepmd_format import read_deepmd_file, write_deepmd_file
+from pipeline.interop.deepmd_import import import_deepmd, model_from_deepmd_dict
 from pipeline.model.config import parse_model_config
 from pipeline.model.deeppot import DeepPot
 from pipeline.model.neighbor import neighbor_counts

@@ -13,8 +13,12 @@ __all__ = ["export_deepmd", "import_deepmd"]
 
 def __getattr__(name: str):
     # imported on first use: `dpelt --help` and the CLI's other commands do not pay for torch here
-    if name in __all__:
-        from . import deepmd_format
+    if name == "export_deepmd":
+        from .deepmd_export import export_deepmd
 
-        return getattr(deepmd_format, name)
+        return export_deepmd
+    if name == "import_deepmd":
+        from .deepmd_import import import_deepmd
+
+        return import_deepmd
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
