@@ -27,6 +27,14 @@ except ConfigError as exc:
 LABEL_TIMEOUT = "none" if config["label"]["timeout"] is None else repr(float(config["label"]["timeout"]))
 
 
+onstart:
+    # `dpelt resume` knows this run's driver (and, through it, its jobs) from this record, never
+    # from command lines; dpelt jobs record themselves when their ancestor is this driver
+    from pipeline.recovery import record_driver
+
+    record_driver(".")
+
+
 wildcard_constraints:
     i=r"\d{3}",
     k=r"\d+",
