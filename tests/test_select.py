@@ -155,3 +155,6 @@ def test_select_cli_defaults_come_from_the_run_config_schema(tmp_path, capsys):
     for key in ("max_labels", "spread", "conv_accuracy"):
         assert report[key] == schema_default(f"select.{key}"), key
     assert report["selected"] == schema_default("select.max_labels") == 50
+    library = SelectConfig(trust_lo=0.05, trust_hi=0.15)  # the library's dataclass: the same defaults
+    for key in ("max_labels", "spread", "conv_accuracy", "adapt_perc_candi"):
+        assert getattr(library, key) == schema_default(f"select.{key}"), key
