@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -38,12 +39,28 @@ def _env() -> dict:
     return dict(os.environ, DVC_NO_ANALYTICS="1", GIT_TERMINAL_PROMPT="0")
 
 
+def tool(name: str) -> str | None:
+    """Path of the program ``name``: beside dpelt's own interpreter first (``.venv/bin/dvc`` when
+    ``.venv/bin/dpelt`` runs without the venv activated), then on PATH; None if neither has it."""
+    here = Path(sys.executable).parent / name
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    return shutil.which(name)
+
+
+def require_tool(name: str) -> str:
+    """:func:`tool`, or one error saying where it was looked for."""
+    found = tool(name)
+    if found is None:
+        raise DpeltError(f"{name} is not installed: not beside {Path(sys.executable).parent} nor on PATH (pip install -e . installs it)")
+    return found
+
+
 def run(cmd: Sequence[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Run git/dvc; a failure becomes one DpeltError with the command's own message."""
-    try:
-        proc = subprocess.run(list(cmd), cwd=cwd, env=_env(), capture_output=True, text=True)
-    except FileNotFoundError:
-        raise DpeltError(f"{cmd[0]} is not installed or not on PATH") from None
+    """Run git/dvc (found by :func:`tool`); a failure becomes one DpeltError with the command's own message."""
+    cmd = [require_tool(cmd[0])] + list(cmd[1:])
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
+    cmd[0] = Path(cmd[0]).name  # messages name the command as typed
     if check and proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise DpeltError(f"`{' '.join(cmd)}` failed: {msg[-1] if msg else 'exit ' + str(proc.returncode)}", path=cwd)
@@ -197,11 +214,18 @@ def restore(root: str | os.PathLike, tag: str, log=print) -> dict:
     if not m:
         raise DpeltError(f"expected a tag like iter-003, got {tag!r}", key="tag")
     n = int(m.group(1))
+    # every precondition before anything moves: the tools, a DVC repository, the tag and its data
+    for name in ("git", "dvc"):
+        require_tool(name)
+    if not is_git_repo(root) or not (root / ".dvc").is_dir():
+        raise DpeltError("not a published run (no git repository with DVC here): nothing to restore", path=root)
     with dvc_lock(root):
         if run(["git", "rev-parse", "-q", "--verify", f"refs/tags/{tag}"], root, check=False).returncode != 0:
             raise DpeltError(f"no such tag {tag!r} (published iterations: {run(['git', 'tag', '--list', 'iter-*'], root).stdout.split()})", key="tag")
         tracked = run(["git", "ls-tree", "-r", "--name-only", tag], root).stdout.split()
         dvc_files = [f for f in tracked if f.endswith(".dvc") and (f.startswith("iter/") or f.startswith("data/"))]
+        if not dvc_files:
+            raise DpeltError(f"tag {tag!r} records no DVC-tracked data (iter/*.dvc, data/*.dvc)", key="tag")
         later = [d for d in iteration_dirs(root) if int(d.name) > n]
         moved = []
         attic = root / "attic" / time.strftime("%Y%m%d-%H%M%S")
