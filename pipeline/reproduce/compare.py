@@ -1,0 +1,165 @@
+"""What differs between a published dataset or model and its re-execution.
+
+Datasets (``*.nc``): per system and variable (data and coordinates), the maximum absolute
+difference of numeric arrays (in the variable's unit: Å, eV, eV/Å, …), the number of
+differing entries of text arrays, or why they cannot be compared (shape, presence).
+Models and checkpoints (``*.pt``): the maximum absolute difference of every tensor, and for
+model files the held-out errors of both (energy RMSE per atom, eV/atom; force RMSE, eV/Å).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+
+def _array_difference(a: np.ndarray, b: np.ndarray) -> dict:
+    """``{"max_abs": x}`` for numbers (inf where only one side is NaN), ``{"differing": n}``
+    for text and booleans, or ``{"shape": ...}`` when they cannot be compared."""
+    if a.shape != b.shape:
+        return {"shape": f"{list(a.shape)} vs {list(b.shape)}"}
+    if a.dtype.kind in "fiu" and b.dtype.kind in "fiu":
+        if a.size == 0:
+            return {"max_abs": 0.0}
+        x, y = a.astype(np.float64), b.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            diff = np.where((x == y) | (np.isnan(x) & np.isnan(y)), 0.0, np.abs(x - y))
+        return {"max_abs": float(np.nan_to_num(diff, nan=np.inf).max())}
+    return {"differing": int(np.count_nonzero(a.astype(str) != b.astype(str)))}
+
+
+def _is_zero(d: dict) -> bool:
+    return d.get("max_abs") == 0.0 or d.get("differing") == 0
+
+
+def dataset_difference(published: Path, reproduced: Path) -> dict:
+    """``{"variables": {name: difference}}`` of the variables that differ (``system_k/name`` when
+    the file holds several systems), ``"equal_variables"``: how many are equal, or ``"error"``."""
+    from ..data.netcdf import read_frames
+    from ..errors import DpeltError
+
+    try:
+        a_sys = read_frames(published, verify=False)
+        b_sys = read_frames(reproduced, verify=False)
+    except DpeltError as exc:
+        return {"error": str(exc)}
+    if len(a_sys) != len(b_sys):
+        return {"error": f"{len(a_sys)} systems published, {len(b_sys)} reproduced"}
+    out: dict[str, Any] = {}
+    equal = 0
+    for k, (a, b) in enumerate(zip(a_sys, b_sys)):
+        prefix = f"system_{k:03d}/" if len(a_sys) > 1 else ""
+        for name in sorted(set(a.variables) | set(b.variables)):
+            if name not in a.variables or name not in b.variables:
+                out[prefix + name] = {"only_in": "published" if name in a.variables else "reproduced"}
+                continue
+            d = _array_difference(np.asarray(a[name].values), np.asarray(b[name].values))
+            if _is_zero(d):
+                equal += 1
+            else:
+                out[prefix + name] = d
+        for key in sorted(set(a.attrs) | set(b.attrs)):
+            if str(a.attrs.get(key)) != str(b.attrs.get(key)):
+                out[f"{prefix}@{key}"] = {"differing": 1}
+    return {"variables": out, "equal_variables": equal}
+
+
+def _tensors(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, leaf) of every leaf of nested dicts / lists / tuples."""
+    if isinstance(obj, dict):
+        for k in obj:
+            yield from _tensors(obj[k], f"{prefix}{k}.")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}{i}.")
+    else:
+        yield prefix.rstrip("."), obj
+
+
+def heldout_errors(model_path: Path, holdout: Path) -> dict:
+    """Energy RMSE per atom (eV/atom) and force RMSE (eV/Å) of a model on held-out frames."""
+    from ..evaluate import test_model
+    from ..model.serialize import load_model
+
+    o = test_model(load_model(model_path), [holdout])["overall"]
+    return {"energy_rmse_per_atom": o["energy_rmse_per_atom"], "force_rmse": o["force_rmse"]}
+
+
+def model_difference(published: Path, reproduced: Path, holdout: Path | None = None) -> dict:
+    """``{"tensors": {path: difference}}`` of the tensors and values that differ,
+    ``"equal_tensors"``, and for model files ``"heldout": {"published": …, "reproduced": …}``."""
+    import torch
+
+    try:
+        a = torch.load(published, map_location="cpu", weights_only=True)
+        b = torch.load(reproduced, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged archive: torch raises many types
+        return {"error": f"cannot load: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+    ta, tb = dict(_tensors(a)), dict(_tensors(b))
+    out: dict[str, Any] = {}
+    equal = 0
+    for name in sorted(set(ta) | set(tb)):
+        if name not in ta or name not in tb:
+            out[name] = {"only_in": "published" if name in ta else "reproduced"}
+            continue
+        x, y = ta[name], tb[name]
+        if torch.is_tensor(x) and torch.is_tensor(y):
+            d = _array_difference(x.detach().numpy(), y.detach().numpy())
+        else:
+            d = {"differing": int(x != y) if not (torch.is_tensor(x) or torch.is_tensor(y)) else 1}
+        if _is_zero(d):
+            equal += 1
+        else:
+            out[name] = d
+    result: dict[str, Any] = {"tensors": out, "equal_tensors": equal}
+    if holdout is not None and isinstance(a, dict) and a.get("kind") == "dpelt-model":
+        result["heldout"] = {}
+        for side, path in (("published", published), ("reproduced", reproduced)):
+            try:
+                result["heldout"][side] = heldout_errors(path, holdout)
+            except Exception as exc:  # a damaged model must not stop the comparison of the others
+                result["heldout"][side] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"}
+    return result
+
+
+def difference(rel: str, published: Path, reproduced: Path, holdout: Path | None) -> dict:
+    """The difference of one file by kind (``.nc`` dataset, ``.pt`` model or checkpoint)."""
+    if rel.endswith(".nc"):
+        return dataset_difference(published, reproduced)
+    if rel.endswith(".pt"):
+        return model_difference(published, reproduced, holdout)
+    return {}
+
+
+def summary_line(diff: dict, top: int = 3) -> str:
+    """The few largest differences of :func:`difference` in one line."""
+    if "error" in diff:
+        return diff["error"]
+    entries = diff.get("variables", diff.get("tensors", {}))
+    if not entries:
+        return "values equal; the file bytes differ (file format or library versions)"
+
+    def size(d: dict) -> float:
+        return d.get("max_abs", float("inf") if "shape" in d or "only_in" in d else d.get("differing", 0))
+
+    ranked = sorted(entries.items(), key=lambda kv: -size(kv[1]))
+    parts = []
+    for name, d in ranked[:top]:
+        if "max_abs" in d:
+            parts.append(f"{name} max|Δ| {d['max_abs']:.3g}")
+        elif "shape" in d:
+            parts.append(f"{name} shape {d['shape']}")
+        elif "only_in" in d:
+            parts.append(f"{name} only {d['only_in']}")
+        else:
+            parts.append(f"{name} {d['differing']} differ")
+    if len(ranked) > top:
+        parts.append(f"+{len(ranked) - top} more")
+    line = "; ".join(parts)
+    h = diff.get("heldout")
+    if h and all("force_rmse" in h.get(s, {}) for s in ("published", "reproduced")):
+        p, r = h["published"], h["reproduced"]
+        line += f"; held-out force RMSE {p['force_rmse']:.4g} -> {r['force_rmse']:.4g} eV/Å, energy {p['energy_rmse_per_atom'] * 1000:.4g} -> {r['energy_rmse_per_atom'] * 1000:.4g} meV/atom"
+    return line
