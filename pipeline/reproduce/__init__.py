@@ -6,10 +6,11 @@ In a clone of a published run (git clone + ``dvc pull``), :func:`reproduce`
    says which entries of the recorded environment differ on this machine (:mod:`.environment`);
 2. re-executes the run up to TAG's iteration in a fresh work directory with the run's own
    config file (as committed at TAG) and seed (:mod:`.rerun`);
-3. compares every dataset and model of those manifests: the re-executed file's sha256 with the
-   manifest's, and the published copy's as well; what differs is described by
-   :mod:`.compare` (arrays: max absolute difference per variable; models: per tensor, and
-   the held-out errors of both);
+3. compares every dataset, model and result file (metrics, reports, learning curves) of those
+   manifests: the re-executed file's sha256 with the manifest's, and the published copy's as
+   well; what differs is described by :mod:`.compare` (arrays: max absolute difference per
+   variable; models: per tensor, and the held-out errors of both). Records of the execution
+   itself (wall times, cache counts) and plots are listed, not compared;
 4. prints a table and writes the same as JSON (``reproduce/<TAG>.json`` by default).
 
 ``reuse_labels``: the oracle's work is taken from the published run instead of being done
@@ -32,7 +33,7 @@ from ..errors import DpeltError
 from ..fileio import write_json_atomic
 from ..versioning import is_git_repo, run, sha256
 from . import environment, rerun
-from .compare import difference, summary_line
+from .compare import difference, file_class, summary_line
 
 TAG_RE = re.compile(r"^iter-(\d{3})$")
 #: statuses that count as reproduced
@@ -162,13 +163,14 @@ def reproduce(
     manifests = {t: read_manifest(root, t) for t in tags}
     expected: dict[str, str] = {}
     for t in tags:  # a path published again later (data/init) is compared with its latest hash
-        expected.update(manifests[t]["datasets_and_models"])
+        expected.update(manifests[t]["files"])
     run_entry = manifests[tag].get("run") or {}
     configfile = run_entry.get("config_file") or "config/config.yaml"
     workdir = Path(workdir).resolve() if workdir else root / "reproduce" / tag
     report_path = Path(report) if report else workdir.parent / f"{tag}.json"
     _fresh(workdir, resume)
-    rerun.prepare_workdir(root, tag, workdir)
+    if not (resume and (workdir / "Snakefile").exists()):
+        rerun.prepare_workdir(root, tag, workdir)
     config = _load_config(workdir, configfile)
     if run_entry.get("config_sha256") and sha256(workdir / configfile) != run_entry["config_sha256"]:
         raise DpeltError(f"differs from the config recorded in {tag}'s manifest", path=configfile, key="config_sha256")
@@ -180,7 +182,14 @@ def reproduce(
     labels = _execute(root, workdir, configfile, n, expected, reuse_labels, cores, log)
     holdout = _holdout(root, workdir, expected)
     reused = {rel for rel in expected if reuse_labels and rel.startswith(("data/init/", "data/holdout/"))}
-    files = [compare_file(rel, d, root, workdir, rel in reused, holdout) for rel, d in sorted(expected.items())]
+    files, listed = [], []
+    for rel, digest in sorted(expected.items()):
+        cls = file_class(rel)
+        if cls in ("record", "plot"):
+            rep = workdir / rel
+            listed.append({"path": rel, "class": cls, "same_bytes": rep.is_file() and sha256(rep) == digest})
+        else:
+            files.append({"class": cls} | compare_file(rel, digest, root, workdir, rel in reused, holdout))
     counts: dict[str, int] = {}
     for e in files:
         counts[e["status"]] = counts.get(e["status"], 0) + 1
@@ -195,6 +204,7 @@ def reproduce(
         "environment": {"recorded": recorded, "here": here, "differences": diffs},
         "labels": labels,
         "files": files,
+        "not_compared": listed,
         "counts": counts,
         "identical": all(e["status"] in GOOD for e in files),
         "seconds": round(time.monotonic() - t0, 1),
@@ -230,5 +240,7 @@ def format_table(result: dict) -> str:
     lines.append("")
     lines.append(f"oracle calls: {lab['oracle_calls']}, labels from the task cache: {lab['from_task_cache']}, known labels reused: {lab['known_labels_reused']}")
     verdict = "IDENTICAL" if result["identical"] else "NOT IDENTICAL"
-    lines.append(f"{verdict}: {good} of {len(result['files'])} datasets and models reproduced ({', '.join(f'{v} {k}' for k, v in sorted(result['counts'].items()))}); {result['seconds']:.0f} s; report: {result['report']}")
+    other = result["not_compared"]
+    lines.append(f"not compared: {len(other)} records of the execution and plots (wall times, cache counts; {sum(not e['same_bytes'] for e in other)} differ)")
+    lines.append(f"{verdict}: {good} of {len(result['files'])} datasets, models and results reproduced ({', '.join(f'{v} {k}' for k, v in sorted(result['counts'].items()))}); {result['seconds']:.0f} s; report: {result['report']}")
     return "\n".join(lines)

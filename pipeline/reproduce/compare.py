@@ -5,14 +5,39 @@ difference of numeric arrays (in the variable's unit: Å, eV, eV/Å, …), the n
 differing entries of text arrays, or why they cannot be compared (shape, presence).
 Models and checkpoints (``*.pt``): the maximum absolute difference of every tensor, and for
 model files the held-out errors of both (energy RMSE per atom, eV/atom; force RMSE, eV/Å).
+Other results (``*.json`` metrics and reports, ``*.csv`` learning curves): per key or column.
+
+:func:`file_class` sorts a run's files into what is compared (datasets, models, results) and
+what records the execution itself (wall times in ``md.log`` and task results, cache counts in
+the label summary, log files) or is a rendering (plots), which are listed but not compared.
 """
 
 from __future__ import annotations
 
+import csv
+import fnmatch
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+#: files that record how the execution went (wall times, cache hits), not what it computed
+EXECUTION_RECORDS = ("*/md.log", "*/label/summary.json", "*/label/tasks/*", "*.log", "*/started")
+PLOTS = ("*.png",)
+
+
+def file_class(rel: str) -> str:
+    """``dataset`` | ``model`` | ``result`` (compared) or ``record`` | ``plot`` (listed only)."""
+    if rel.endswith(".nc"):
+        return "dataset"
+    if rel.endswith(".pt"):
+        return "model"
+    if any(fnmatch.fnmatch(rel, p) for p in EXECUTION_RECORDS):
+        return "record"
+    if any(fnmatch.fnmatch(rel, p) for p in PLOTS):
+        return "plot"
+    return "result"
 
 
 def _array_difference(a: np.ndarray, b: np.ndarray) -> dict:
@@ -124,20 +149,77 @@ def model_difference(published: Path, reproduced: Path, holdout: Path | None = N
     return result
 
 
+def _leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted path, value) of every leaf of parsed JSON."""
+    if isinstance(obj, dict):
+        for k in sorted(obj):
+            yield from _leaves(obj[k], f"{prefix}{k}.")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix.rstrip("."), obj
+
+
+def _columns(path: Path) -> dict[str, list[str]]:
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    if not rows:
+        return {}
+    return {name: [r[c] if c < len(r) else "" for r in rows[1:]] for c, name in enumerate(rows[0])}
+
+
+def _as_number(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def text_difference(published: Path, reproduced: Path) -> dict:
+    """``{"values": {key or column: difference}}`` of a JSON or CSV result."""
+    try:
+        if published.suffix == ".json":
+            a, b = dict(_leaves(json.loads(published.read_text()))), dict(_leaves(json.loads(reproduced.read_text())))
+        elif published.suffix == ".csv":
+            a, b = _columns(published), _columns(reproduced)
+        else:
+            return {"values": {"bytes": {"differing": 1}}}
+    except (OSError, ValueError, csv.Error) as exc:
+        return {"error": f"cannot parse: {exc}"}
+    out = {}
+    for key in sorted(set(a) | set(b)):
+        if key not in a or key not in b:
+            out[key] = {"only_in": "published" if key in a else "reproduced"}
+            continue
+        x, y = a[key], b[key]
+        xs, ys = (x, y) if isinstance(x, list) else ([x], [y])
+        nums = [(_as_number(u), _as_number(v)) for u, v in zip(xs, ys)]
+        if len(xs) == len(ys) and all(u is not None and v is not None for u, v in nums):
+            d = _array_difference(np.array([u for u, _ in nums]), np.array([v for _, v in nums]))
+        else:
+            d = {"differing": sum(u != v for u, v in zip(xs, ys)) + abs(len(xs) - len(ys))}
+        if not _is_zero(d):
+            out[key] = d
+    return {"values": out}
+
+
 def difference(rel: str, published: Path, reproduced: Path, holdout: Path | None) -> dict:
-    """The difference of one file by kind (``.nc`` dataset, ``.pt`` model or checkpoint)."""
+    """The difference of one file by kind (``.nc`` dataset, ``.pt`` model or checkpoint, JSON, CSV)."""
     if rel.endswith(".nc"):
         return dataset_difference(published, reproduced)
     if rel.endswith(".pt"):
         return model_difference(published, reproduced, holdout)
-    return {}
+    return text_difference(published, reproduced)
 
 
 def summary_line(diff: dict, top: int = 3) -> str:
     """The few largest differences of :func:`difference` in one line."""
     if "error" in diff:
         return diff["error"]
-    entries = diff.get("variables", diff.get("tensors", {}))
+    entries = diff.get("variables", diff.get("tensors", diff.get("values", {})))
     if not entries:
         return "values equal; the file bytes differ (file format or library versions)"
 

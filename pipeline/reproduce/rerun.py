@@ -53,7 +53,7 @@ def prepare_workdir(root: Path, tag: str, workdir: Path) -> list[str]:
 
 def copy_published_data(root: Path, workdir: Path, expected: dict[str, str]) -> list[str]:
     """Copy the published ``data/init`` and ``data/holdout`` (each file checked against the
-    manifest's sha256) into ``workdir``; returns the copied paths."""
+    manifest's sha256) into ``workdir``, unless already there; returns their paths."""
     from ..versioning import sha256
 
     copied = []
@@ -66,8 +66,9 @@ def copy_published_data(root: Path, workdir: Path, expected: dict[str, str]) -> 
         if sha256(src) != digest:
             raise DpeltError("the published copy differs from its manifest's sha256: --reuse-labels cannot take it (check with `dpelt verify`)", path=src)
         dst = workdir / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
+        if not (dst.is_file() and sha256(dst) == digest):  # (a resumed reproduction has them)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
         copied.append(rel)
     return copied
 
