@@ -120,9 +120,9 @@ def test_dataset_difference_names_the_variable_and_its_size(tmp_path):
     assert dataset_difference(a, write_frames(tmp_path / "same.nc", ds)) == {"variables": {}, "equal_variables": dataset_difference(a, a)["equal_variables"]}
     coord = ds["coord"].values.copy()
     coord[2, 1, 2] += 3e-9
-    b = write_frames(tmp_path / "b.nc", ds.assign(coord=(ds["coord"].dims, coord), energy=("frame", [-1.0, -2.5, -3.0])))
+    b = write_frames(tmp_path / "b.nc", ds.assign(coord=(ds["coord"].dims, coord), energy=("frame", [-1.0, -2.5, -3.0])).assign_attrs(system="other"))
     d = dataset_difference(a, b)["variables"]
-    assert set(d) == {"coord", "energy"}
+    assert set(d) == {"coord", "energy", "@system"}
     assert d["coord"]["max_abs"] == pytest.approx(3e-9, rel=1e-6) and d["energy"]["max_abs"] == 0.5
     assert "energy max|Δ| 0.5" in summary_line({"variables": d})
     broken = tmp_path / "broken.nc"

@@ -85,7 +85,7 @@ def dataset_difference(published: Path, reproduced: Path) -> dict:
                 equal += 1
             else:
                 out[prefix + name] = d
-        for key in sorted(set(a.attrs) | set(b.attrs)):
+        for key in sorted(set(a.attrs) | set(b.attrs)):  # (read_frames drops the content checksum)
             if str(a.attrs.get(key)) != str(b.attrs.get(key)):
                 out[f"{prefix}@{key}"] = {"differing": 1}
     return {"variables": out, "equal_variables": equal}
