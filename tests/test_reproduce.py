@@ -151,6 +151,11 @@ def test_model_difference_per_tensor_and_heldout_errors(tmp_path, tiny_model):
     h = d["heldout"]
     assert h["published"]["force_rmse"] > 0 and h["published"]["energy_rmse_per_atom"] != h["reproduced"]["energy_rmse_per_atom"]
     assert model_difference(a, a, holdout)["tensors"] == {}
+    assert "held-out force RMSE" in summary_line(d) and f"state_dict.{name} max|Δ| 0.0001" in summary_line(d)
+    # checkpoints: plain numbers (the learning curve) by size too, text by count
+    torch.save({"lcurve": [{"rmse": 0.5}], "kind": "x"}, tmp_path / "c1.pt")
+    torch.save({"lcurve": [{"rmse": 0.75}], "kind": "y"}, tmp_path / "c2.pt")
+    assert model_difference(tmp_path / "c1.pt", tmp_path / "c2.pt")["tensors"] == {"lcurve.0.rmse": {"max_abs": 0.25}, "kind": {"differing": 1}}
 
 
 def test_text_difference_of_metrics_and_curves(tmp_path):

@@ -132,6 +132,8 @@ def model_difference(published: Path, reproduced: Path, holdout: Path | None = N
         x, y = ta[name], tb[name]
         if torch.is_tensor(x) and torch.is_tensor(y):
             d = _array_difference(x.detach().numpy(), y.detach().numpy())
+        elif _as_number(x) is not None and _as_number(y) is not None:  # e.g. a checkpoint's learning curve
+            d = _array_difference(np.array([_as_number(x)]), np.array([_as_number(y)]))
         else:
             d = {"differing": int(x != y) if not (torch.is_tensor(x) or torch.is_tensor(y)) else 1}
         if _is_zero(d):
@@ -223,10 +225,11 @@ def summary_line(diff: dict, top: int = 3) -> str:
     if not entries:
         return "values equal; the file bytes differ (file format or library versions)"
 
-    def size(d: dict) -> float:
-        return d.get("max_abs", float("inf") if "shape" in d or "only_in" in d else d.get("differing", 0))
+    def rank(item: tuple[str, dict]) -> tuple[int, float]:
+        d = item[1]  # what cannot be compared first, then text, then numbers by size
+        return (0, 0.0) if "shape" in d or "only_in" in d else (1, 0.0) if "differing" in d else (2, -d["max_abs"])
 
-    ranked = sorted(entries.items(), key=lambda kv: -size(kv[1]))
+    ranked = sorted(entries.items(), key=rank)
     parts = []
     for name, d in ranked[:top]:
         if "max_abs" in d:
@@ -243,5 +246,6 @@ def summary_line(diff: dict, top: int = 3) -> str:
     h = diff.get("heldout")
     if h and all("force_rmse" in h.get(s, {}) for s in ("published", "reproduced")):
         p, r = h["published"], h["reproduced"]
-        line += f"; held-out force RMSE {p['force_rmse']:.4g} -> {r['force_rmse']:.4g} eV/Å, energy {p['energy_rmse_per_atom'] * 1000:.4g} -> {r['energy_rmse_per_atom'] * 1000:.4g} meV/atom"
+        df, de = r["force_rmse"] - p["force_rmse"], r["energy_rmse_per_atom"] - p["energy_rmse_per_atom"]
+        line += f"; held-out force RMSE {p['force_rmse']:.6g} eV/Å (Δ {df:+.2g}), energy RMSE {p['energy_rmse_per_atom'] * 1000:.6g} meV/atom (Δ {de * 1000:+.2g})"
     return line
