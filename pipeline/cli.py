@@ -261,7 +261,7 @@ def _cmd_verify(args: argparse.Namespace) -> None:
 def _cmd_reproduce(args: argparse.Namespace) -> None:
     from .reproduce import format_table, reproduce
 
-    r = reproduce(args.directory, args.tag, workdir=args.workdir, reuse_labels=args.reuse_labels, cores=args.cores, report=args.report, resume=args.resume)
+    r = reproduce(args.directory, args.tag, workdir=args.workdir, reuse_labels=args.reuse_labels, cores=args.cores, report=args.report, resume=args.resume, configfile=args.configfile)
     print(format_table(r))
     if not r["identical"]:
         raise SystemExit(1)
@@ -441,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("tag", nargs="?", help="iter-NNN (default: the latest published)")
     rr.add_argument("--reuse-labels", action="store_true", help="take the oracle's labels of bit-identical frames from the published data instead of recomputing them")
     rr.add_argument("--workdir", help="fresh directory for the re-execution (default reproduce/TAG)")
-    rr.add_argument("--report", help="JSON report (default: beside the work directory, TAG.json)")
+    rr.add_argument("--report", help="JSON report (default: beside the work directory, named after it)")
+    rr.add_argument("--configfile", help="the run's config, for manifests that do not name it (older publications)")
     rr.add_argument("--cores", default="all", help="snakemake --cores (results do not depend on it)")
     rr.add_argument("--resume", action="store_true", help="continue a killed reproduction in an existing work directory")
     rr.add_argument("-C", "--directory", default=".", help="the clone of the published run")

@@ -337,3 +337,20 @@ def test_reuse_labels_never_calls_the_oracle(published, tmp_path):
     assert {s for p, s in status.items() if p.startswith("data/")} == {"reused"}
     assert {s for p, s in status.items() if p.startswith("iter/")} == {"identical"} and "iter/001/train/0/model.pt" in status
     assert "oracle calls: 0" in proc.stdout
+
+
+def test_reproduce_refuses_what_it_cannot_reproduce(tmp_path):
+    from pipeline.errors import DpeltError
+    from pipeline.reproduce import reproduce as run_reproduce
+
+    with pytest.raises(DpeltError, match="not a git repository"):
+        run_reproduce(tmp_path)
+    for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m", "x"]):
+        sh(tmp_path, *cmd)
+    with pytest.raises(DpeltError, match="no published iterations"):
+        run_reproduce(tmp_path)
+    sh(tmp_path, "git", "tag", "iter-000")
+    with pytest.raises(DpeltError, match=r"no such tag 'iter-007' \(published: iter-000\)"):
+        run_reproduce(tmp_path, "iter-007")
+    with pytest.raises(DpeltError, match="has no manifests/iter-000.json"):
+        run_reproduce(tmp_path, "iter-000")

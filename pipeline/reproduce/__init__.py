@@ -142,44 +142,8 @@ def _holdout(root: Path, workdir: Path, expected: dict) -> Path | None:
     return None
 
 
-def reproduce(
-    root: str | Path = ".",
-    tag: str | None = None,
-    workdir: str | Path | None = None,
-    reuse_labels: bool = False,
-    cores: str = "all",
-    report: str | Path | None = None,
-    resume: bool = False,
-    log: Callable[[str], None] = print,
-) -> dict:
-    """Re-execute the published run in ``root`` up to ``tag`` and compare; returns the report
-    (``report["identical"]``: every dataset and model reproduced bit for bit)."""
-    t0 = time.monotonic()
-    root = Path(root).resolve()
-    if not is_git_repo(root):
-        raise DpeltError("not a git repository: run `dpelt reproduce` in a clone of a published run", path=root)
-    tag, tags = _resolve(root, tag)
-    n = int(TAG_RE.match(tag).group(1))
-    manifests = {t: read_manifest(root, t) for t in tags}
-    expected: dict[str, str] = {}
-    for t in tags:  # a path published again later (data/init) is compared with its latest hash
-        expected.update(manifests[t]["files"])
-    run_entry = manifests[tag].get("run") or {}
-    configfile = run_entry.get("config_file") or "config/config.yaml"
-    workdir = Path(workdir).resolve() if workdir else root / "reproduce" / tag
-    report_path = Path(report) if report else workdir.parent / f"{tag}.json"
-    _fresh(workdir, resume)
-    if not (resume and (workdir / "Snakefile").exists()):
-        rerun.prepare_workdir(root, tag, workdir)
-    config = _load_config(workdir, configfile)
-    if run_entry.get("config_sha256") and sha256(workdir / configfile) != run_entry["config_sha256"]:
-        raise DpeltError(f"differs from the config recorded in {tag}'s manifest", path=configfile, key="config_sha256")
-    recorded = manifests[tag].get("environment")
-    here = environment.describe(config)
-    diffs = environment.differences(recorded, here)
-    _say_environment(diffs, tag, log)
-    log(f"re-executing iterations 000..{n:03d} of {configfile} (seed {config['seed']}) in {workdir}" + (" reusing the published labels" if reuse_labels else ""))
-    labels = _execute(root, workdir, configfile, n, expected, reuse_labels, cores, log)
+def _compare_all(root: Path, workdir: Path, expected: dict[str, str], reuse_labels: bool) -> tuple[list, list, dict]:
+    """(compared rows, listed records and plots, count per status) of every manifest file."""
     holdout = _holdout(root, workdir, expected)
     reused = {rel for rel in expected if reuse_labels and rel.startswith(("data/init/", "data/holdout/"))}
     files, listed = [], []
@@ -193,6 +157,55 @@ def reproduce(
     counts: dict[str, int] = {}
     for e in files:
         counts[e["status"]] = counts.get(e["status"], 0) + 1
+    return files, listed, counts
+
+
+def reproduce(
+    root: str | Path = ".",
+    tag: str | None = None,
+    workdir: str | Path | None = None,
+    reuse_labels: bool = False,
+    cores: str = "all",
+    report: str | Path | None = None,
+    resume: bool = False,
+    configfile: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Re-execute the published run in ``root`` up to ``tag`` and compare; returns the report
+    (``report["identical"]``: every dataset, model and result reproduced bit for bit).
+    ``configfile``: the run's config, for manifests that do not name it (published before
+    dpelt recorded it; default config/config.yaml)."""
+    t0 = time.monotonic()
+    root = Path(root).resolve()
+    if not is_git_repo(root):
+        raise DpeltError("not a git repository: run `dpelt reproduce` in a clone of a published run", path=root)
+    tag, tags = _resolve(root, tag)
+    n = int(TAG_RE.match(tag).group(1))
+    manifests = {t: read_manifest(root, t) for t in tags}
+    expected: dict[str, str] = {}
+    for t in tags:  # a path published again later (data/init) is compared with its latest hash
+        expected.update(manifests[t]["files"])
+    run_entry = manifests[tag].get("run") or {}
+    if configfile and run_entry.get("config_file") and configfile != run_entry["config_file"]:
+        raise DpeltError(f"{tag}'s manifest names the run's config {run_entry['config_file']!r}", path=configfile, key="configfile")
+    configfile = run_entry.get("config_file") or configfile or "config/config.yaml"
+    if not run_entry:
+        log(f"{tag}'s manifest does not name the run's config (published before dpelt recorded it): using {configfile}")
+    workdir = Path(workdir).resolve() if workdir else root / "reproduce" / tag
+    report_path = Path(report) if report else workdir.parent / f"{workdir.name}.json"
+    _fresh(workdir, resume)
+    if not (resume and (workdir / "Snakefile").exists()):
+        rerun.prepare_workdir(root, tag, workdir)
+    config = _load_config(workdir, configfile)
+    if run_entry.get("config_sha256") and sha256(workdir / configfile) != run_entry["config_sha256"]:
+        raise DpeltError(f"differs from the config recorded in {tag}'s manifest", path=configfile, key="config_sha256")
+    recorded = manifests[tag].get("environment")
+    here = environment.describe(config)
+    diffs = environment.differences(recorded, here)
+    _say_environment(diffs, tag, log)
+    log(f"re-executing iterations 000..{n:03d} of {configfile} (seed {config['seed']}) in {workdir}" + (" reusing the published labels" if reuse_labels else ""))
+    labels = _execute(root, workdir, configfile, n, expected, reuse_labels, cores, log)
+    files, listed, counts = _compare_all(root, workdir, expected, reuse_labels)
     result = {
         "tag": tag,
         "iterations": [f"{j:03d}" for j in range(n + 1)],
