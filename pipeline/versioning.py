@@ -149,9 +149,11 @@ def _keep_mtimes(paths: Sequence[Path]):
 DEFAULT_CONFIG = "config/config.yaml"
 
 
-def run_record(root: Path, configfile: str | os.PathLike | None = None) -> tuple[dict, dict]:
+def run_record(root: Path, configfile: str | os.PathLike | None = None, log=print) -> tuple[dict, dict]:
     """(``run`` entry, validated config) of the run in ``root`` whose config is ``configfile``
-    (default config/config.yaml; relative paths are relative to ``root``, as Snakemake's are)."""
+    (default config/config.yaml; relative paths are relative to ``root``, as Snakemake's are).
+    A config outside ``root`` is recorded by its absolute path only (``config_outside``): it
+    is not committed, and a reader cannot reproduce the run without it."""
     import yaml
 
     from .runconfig import SCHEMA, validate_schema
@@ -163,14 +165,16 @@ def run_record(root: Path, configfile: str | os.PathLike | None = None) -> tuple
     try:
         rel = str(path.resolve().relative_to(root))
     except ValueError:
-        raise DpeltError(f"the run's config must lie inside the run directory {root} to be published with it", path=path, key="configfile") from None
+        rel = None
+        log(f"warning: the run's config {path} lies outside the run directory: it is not published with the run, and `dpelt reproduce` needs it (copy it into the run directory)")
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise DpeltError(f"cannot parse YAML: {exc}", path=path) from None
     schema = root / "config" / "schema.yaml"
     validate_schema(config, schema if schema.exists() else SCHEMA, str(path))
-    return {"config_file": rel, "config_sha256": sha256(path), "seed": int(config["seed"])}, config
+    entry = {"config_file": rel, "config_sha256": sha256(path), "seed": int(config["seed"])}
+    return entry | ({} if rel else {"config_outside": str(path.resolve())}), config
 
 
 def publish(
@@ -198,7 +202,7 @@ def publish(
             if tag in tags:
                 continue
             if run_entry is None:
-                run_entry, config = run_record(root, configfile)
+                run_entry, config = run_record(root, configfile, log)
                 environment = describe(config)
             targets = [root / p for p in DATA_DIRS if (root / p).exists()] + [d]
             restore = _keep_mtimes(targets)
@@ -215,7 +219,7 @@ def publish(
             }
             write_json_atomic(root / "manifests" / f"{tag}.json", mf)
             add = [str(t.relative_to(root)) + ".dvc" for t in targets] + [f"manifests/{tag}.json"]
-            add += [p for p in ("iter/.gitignore", "data/.gitignore", "dvc.yaml", "config", "reports", run_entry["config_file"]) if (root / p).exists()]
+            add += [p for p in ("iter/.gitignore", "data/.gitignore", "dvc.yaml", "config", "reports", run_entry["config_file"]) if p and (root / p).exists()]
             run(["git", "add", "-f"] + add, root)
             run(["git", "add"] + [p for p in ("Snakefile", "rules") if (root / p).exists()], root)  # the workflow a reader re-executes
             run(["git", "commit", "-q", "--allow-empty", "-m", f"dpelt: publish iteration {d.name}"], root)

@@ -354,3 +354,22 @@ def test_reproduce_refuses_what_it_cannot_reproduce(tmp_path):
         run_reproduce(tmp_path, "iter-007")
     with pytest.raises(DpeltError, match="has no manifests/iter-000.json"):
         run_reproduce(tmp_path, "iter-000")
+
+
+def test_run_record_names_the_config(tmp_path):
+    from pipeline.errors import DpeltError
+    from pipeline.versioning import run_record, sha256
+
+    root = tmp_path / "run"
+    (root / "config").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parents[1] / "config/test.yaml", root / "config/test.yaml")
+    entry, config = run_record(root, "config/test.yaml")
+    assert entry == {"config_file": "config/test.yaml", "config_sha256": sha256(root / "config/test.yaml"), "seed": 7}
+    assert config["threads"]["train"] == 1 and config["label"]["oracle"]["name"] == "emt"  # validated, defaults filled
+    with pytest.raises(DpeltError, match="config file is not there"):
+        run_record(root)  # config/config.yaml: not there
+    shutil.copy(root / "config/test.yaml", tmp_path / "outside.yaml")
+    said = []
+    entry, _ = run_record(root, tmp_path / "outside.yaml", log=said.append)
+    assert entry["config_file"] is None and entry["config_outside"] == str((tmp_path / "outside.yaml").resolve())
+    assert "outside the run directory" in said[0]

@@ -52,16 +52,23 @@ def read_manifest(root: Path, tag: str) -> dict:
     return json.loads(proc.stdout)
 
 
-def _load_config(workdir: Path, configfile: str) -> dict:
+def _load_config(workdir: Path, configfile: str) -> tuple[str, dict]:
+    """(path in ``workdir``, validated config) of the run's config: the one in the published
+    tree, else a file given outside it (copied into ``workdir/config``)."""
+    import shutil
+
     import yaml
 
     from ..runconfig import SCHEMA, validate_schema
 
-    path = workdir / configfile
-    if not path.is_file():
-        raise DpeltError("the run's config file is not in the published tree", path=configfile, key="configfile")
+    if not (workdir / configfile).is_file():
+        if not Path(configfile).is_file():
+            raise DpeltError("the run's config file is neither in the published tree nor here", path=configfile, key="configfile")
+        (workdir / "config").mkdir(exist_ok=True)
+        shutil.copyfile(configfile, workdir / "config" / Path(configfile).name)
+        configfile = f"config/{Path(configfile).name}"
     schema = workdir / "config" / "schema.yaml"
-    return validate_schema(yaml.safe_load(path.read_text()), schema if schema.exists() else SCHEMA, configfile)
+    return configfile, validate_schema(yaml.safe_load((workdir / configfile).read_text()), schema if schema.exists() else SCHEMA, configfile)
 
 
 def _resolve(root: Path, tag: str | None) -> tuple[str, list[str]]:
@@ -188,6 +195,8 @@ def reproduce(
     run_entry = manifests[tag].get("run") or {}
     if configfile and run_entry.get("config_file") and configfile != run_entry["config_file"]:
         raise DpeltError(f"{tag}'s manifest names the run's config {run_entry['config_file']!r}", path=configfile, key="configfile")
+    if run_entry.get("config_outside") and not configfile:
+        raise DpeltError(f"{tag} was published with a config outside the run directory ({run_entry['config_outside']}), not in the repository: give it (copied into the repository) with --configfile", key="configfile")
     configfile = run_entry.get("config_file") or configfile or "config/config.yaml"
     if not run_entry:
         log(f"{tag}'s manifest does not name the run's config (published before dpelt recorded it): using {configfile}")
@@ -196,7 +205,7 @@ def reproduce(
     _fresh(workdir, resume)
     if not (resume and (workdir / "Snakefile").exists()):
         rerun.prepare_workdir(root, tag, workdir)
-    config = _load_config(workdir, configfile)
+    configfile, config = _load_config(workdir, configfile)
     if run_entry.get("config_sha256") and sha256(workdir / configfile) != run_entry["config_sha256"]:
         raise DpeltError(f"differs from the config recorded in {tag}'s manifest", path=configfile, key="config_sha256")
     recorded = manifests[tag].get("environment")
