@@ -31,6 +31,7 @@ import numpy as np
 
 from ..data.frames import frame_ids, type_map_of
 from ..data.netcdf import read_frames
+from ..fileio import atomic_path
 from ..label.run import RESULT, TASKS_DIR
 
 
@@ -91,9 +92,8 @@ class PublishedLabels:
             if hit[0] != geom:  # the same 16-hex id, another geometry: never trust a hash alone
                 recomputed[fid] = "frame id collides with a published frame of another geometry"
                 continue
-            dest = label_dir / TASKS_DIR / fid / RESULT
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(hit[1], dest)
+            with atomic_path(label_dir / TASKS_DIR / fid / RESULT) as tmp:  # (a half copy would look like a result)
+                shutil.copyfile(hit[1], tmp)
             reused.append(fid)
         return {"reused": reused, "recomputed": recomputed}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import DpeltError
+from ..fileio import atomic_path
 from ..versioning import DATA_DIRS, run
 
 OUTPUT_DVC = re.compile(r"^(iter/\d{3}|data/init|data/holdout)\.dvc$")
@@ -67,8 +68,8 @@ def copy_published_data(root: Path, workdir: Path, expected: dict[str, str]) -> 
             raise DpeltError("the published copy differs from its manifest's sha256: --reuse-labels cannot take it (check with `dpelt verify`)", path=src)
         dst = workdir / rel
         if not (dst.is_file() and sha256(dst) == digest):  # (a resumed reproduction has them)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst)
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
         copied.append(rel)
     return copied
 
