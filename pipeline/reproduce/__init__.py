@@ -239,7 +239,7 @@ def reproduce(
 def _say_environment(diffs: list[dict], tag: str, log: Callable) -> None:
     bits = [d for d in diffs if d["affects_bits"]]
     if not bits:
-        log(f"environment: as recorded in {tag}'s manifest (dpelt code, Python, NumPy, torch, CPU instruction set, kernel, threads, oracle): bit-identical results expected")
+        log(f"environment: as recorded in {tag}'s manifest (dpelt's code, Python, NumPy, torch, CPU instruction set, kernel, threads, oracle): bit-identical results expected")
     else:
         log(f"environment: {len(bits)} entries differ from {tag}'s manifest; bit-identity is not promised (docs/reproduce.md says what to expect):")
     for d in diffs:
