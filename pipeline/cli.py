@@ -272,7 +272,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 def _cmd_publish(args: argparse.Namespace) -> None:
     from .versioning import publish
 
-    tags = publish(args.directory, iterations=None if args.all or not args.iterations else [int(i) for i in args.iterations], remote=args.remote)
+    tags = publish(args.directory, iterations=None if args.all or not args.iterations else [int(i) for i in args.iterations], remote=args.remote, configfile=args.configfile)
     print(f"published {', '.join(tags)}" if tags else "nothing new to publish")
 
 
@@ -292,6 +292,15 @@ def _cmd_verify(args: argparse.Namespace) -> None:
             print(f"  {w}")
     if any(bad.values()):
         raise DpeltError("published files differ from their recorded sha256 (see above)")
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> None:
+    from .reproduce import format_table, reproduce
+
+    r = reproduce(args.directory, args.tag, workdir=args.workdir, reuse_labels=args.reuse_labels, cores=args.cores, report=args.report, resume=args.resume, configfile=args.configfile)
+    print(format_table(r))
+    if not r["identical"]:
+        raise SystemExit(1)
 
 
 def _cmd_resume(args: argparse.Namespace) -> None:
@@ -453,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--all", action="store_true", help="every finished, unpublished iteration")
     pb.add_argument("--remote", help="dvc push to this remote afterwards")
     pb.add_argument("-C", "--directory", default=".", help="run directory (a git repository)")
+    pb.add_argument("--configfile", help="the run's config, recorded in the manifests (default config/config.yaml)")
     pb.set_defaults(func=_cmd_publish)
 
     rs = sub.add_parser("restore", help="bring back the datasets and models of a published iteration (iter-NNN)")
@@ -464,6 +474,17 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("tags", nargs="*", help="iter-NNN tags (default: all published)")
     vf.add_argument("-C", "--directory", default=".")
     vf.set_defaults(func=_cmd_verify)
+
+    rr = sub.add_parser("reproduce", help="re-execute a published run up to TAG and compare every dataset and model with its manifest")
+    rr.add_argument("tag", nargs="?", help="iter-NNN (default: the latest published)")
+    rr.add_argument("--reuse-labels", action="store_true", help="take the oracle's labels of bit-identical frames from the published data instead of recomputing them")
+    rr.add_argument("--workdir", help="fresh directory for the re-execution (default reproduce/TAG)")
+    rr.add_argument("--report", help="JSON report (default: beside the work directory, named after it)")
+    rr.add_argument("--configfile", help="the run's config, for manifests that do not name it (older publications)")
+    rr.add_argument("--cores", default="all", help="snakemake --cores (results do not depend on it)")
+    rr.add_argument("--resume", action="store_true", help="continue a killed reproduction in an existing work directory")
+    rr.add_argument("-C", "--directory", default=".", help="the clone of the published run")
+    rr.set_defaults(func=_cmd_reproduce)
 
     ru = sub.add_parser("resume", help="continue a run whose driver was killed: stop leftovers, unlock, rerun incomplete jobs")
     ru.add_argument("-C", "--directory", default=".")

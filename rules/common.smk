@@ -3,6 +3,7 @@
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -264,4 +265,4 @@ def publish_finished_run():
     if not config["publish"]["auto"] or not Path(".git").exists():
         return
     remote = config["publish"]["remote"]
-    shell("dpelt publish --all" + (f" --remote {remote}" if remote else "") + " >> logs/publish.log 2>&1 || echo 'dpelt publish failed: see logs/publish.log'")
+    shell(f"dpelt publish --all --configfile {shlex.quote(CONFIG_SOURCE)}" + (f" --remote {remote}" if remote else "") + " >> logs/publish.log 2>&1 || echo 'dpelt publish failed: see logs/publish.log'")
