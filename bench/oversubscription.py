@@ -1,0 +1,162 @@
+"""Speed under load: N copies of a water training (and of water MD) at T threads each, sharing the
+cores, against one copy alone (not a test).
+
+usage: python bench/oversubscription.py [--copies 2] [--threads 2] [--seconds 15] [--rounds 3]
+                                        [--kinds train md] [--policies dpelt spin]
+
+A copy is one process (``--worker``): the water example's model (bench/water_seeds.py's input,
+seed 1; the same as bench/train_step_ab.py) built in-process, 3 warm-up steps, then as many
+training steps (forward, forces, loss backward, Adam) -- or ASE VelocityVerlet MD steps on the
+192-atom box through DeepPotCalculator -- as fit in --seconds. The copies of a case start their
+timed window together (each waits for all to be warmed up), so they overlap for the whole window.
+
+Policies (the OpenMP wait policy each copy's environment gets):
+* ``dpelt``: nothing set; dpelt's own default applies (pipeline/runtime.py: OMP_WAIT_POLICY=PASSIVE);
+* ``spin``: GOMP_SPINCOUNT=300000, libgomp's default, what dpelt ran with before.
+
+Each round runs, for every policy and kind (order rotating between rounds), the copy alone and
+then N copies side by side. Reported per case: steps/s alone, per copy, and their ratio
+(per copy / alone; 1/N is fair sharing of fully used cores when N * T exceeds the CPUs), best
+and median over rounds. The machine may carry other load: its load average is recorded per round.
+Writes bench/results/oversubscription.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
+
+POLICIES = {"dpelt": {}, "spin": {"GOMP_SPINCOUNT": "300000"}, "short-spin": {"GOMP_SPINCOUNT": "10000"}}
+WARMUP = 3
+
+
+def worker(kind: str, threads: int, seconds: float, ready: Path, copies: int, data: Path) -> dict:
+    """One copy: build, warm up, wait for the other copies, then time steps for ``seconds``."""
+    import pipeline  # noqa: F401  (first: dpelt's OpenMP environment, as in a job process)
+    from train_step_ab import build
+
+    cfg, model, systems, sampler, params, opt = build(data, threads)
+    step = train_stepper(cfg, model, systems, sampler, params, opt) if kind == "train" else md_stepper(model, data, threads)
+    for i in range(WARMUP):
+        step(i)
+    ready.mkdir(parents=True, exist_ok=True)
+    (ready / str(os.getpid())).touch()
+    while len(list(ready.iterdir())) < copies:
+        time.sleep(0.005)
+    t0, n, cpu0 = time.perf_counter(), 0, time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        step(WARMUP + n)
+        n += 1
+    wall = time.perf_counter() - t0
+    return {"steps": n, "steps_per_s": n / wall, "cpu_per_wall": (time.process_time() - cpu0) / wall}
+
+
+def train_stepper(cfg, model, systems, sampler, params, opt):
+    import torch
+
+    from pipeline.model.embedding_kernel import parameter_gradients_only
+    from pipeline.train.loss import energy_loss, prefactors
+
+    pref = prefactors(cfg.loss, 1e-3, 1e-3)
+
+    def step(i: int) -> None:
+        k, frames = sampler.next(i)
+        b = systems[k].batch(frames)
+        with parameter_gradients_only():
+            pred = model.forward_rij(b.rij, b.nlist, b.atype, True, False, True, b.partner)
+        loss, _ = energy_loss(pred, b.energy, b.force, None, b.natoms, pref)
+        opt.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss, inputs=params)
+        opt.step()
+
+    return step
+
+
+def md_stepper(model, data: Path, threads: int):
+    import numpy as np
+    from ase.md.velocitydistribution import thermalize_momenta
+    from ase.md.verlet import VelocityVerlet
+    from ase.units import fs
+
+    from pipeline.calculator import DeepPotCalculator
+    from pipeline.data.ase_io import frames_to_atoms
+    from pipeline.data.io import read_systems
+
+    (ds,) = read_systems(str(data / "data_3"))
+    atoms = frames_to_atoms(ds.isel(frame=[0]))[0]
+    atoms.calc = DeepPotCalculator(model.eval().requires_grad_(False), threads=threads)
+    thermalize_momenta(atoms, temperature_K=300.0, rng=np.random.default_rng(1))
+    dyn = VelocityVerlet(atoms, timestep=0.5 * fs)
+    return lambda i: dyn.run(1)
+
+
+def run_case(kind: str, policy: str, copies: int, args, work: Path) -> list[dict]:
+    """``copies`` workers side by side; their results."""
+    ready = work / f"ready-{kind}-{policy}-{copies}-{time.monotonic_ns()}"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(POLICIES[policy], OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, __file__, "--worker", kind, "--threads", str(args.threads), "--seconds", str(args.seconds),
+           "--ready", str(ready), "--copies", str(copies), "--data", str(args.data)]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(copies)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"worker failed (exit {p.returncode}):\n{stderr[-2000:]}")
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--copies", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=15.0, help="timed window of every copy")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--kinds", nargs="+", default=["train", "md"], choices=["train", "md"])
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    ap.add_argument("--data", type=Path, default=harness.SHARED / "data" / "water")
+    ap.add_argument("--work", type=Path, default=HERE / "work" / "oversubscription")
+    ap.add_argument("--out", type=Path, default=harness.RESULTS / "oversubscription.json")
+    ap.add_argument("--worker", choices=["train", "md"], help=argparse.SUPPRESS)
+    ap.add_argument("--ready", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.data = args.data.resolve()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.threads, args.seconds, args.ready, args.copies, args.data)))
+        return
+    if not (args.data / "data_0" / "type.raw").exists():
+        sys.exit(f"water data not found at {args.data}")
+    cases = {}
+    for kind in args.kinds:
+        for policy in args.policies:
+            def case(r, kind=kind, policy=policy):
+                alone = run_case(kind, policy, 1, args, args.work)[0]
+                shared = run_case(kind, policy, args.copies, args, args.work)
+                per_copy = sum(c["steps_per_s"] for c in shared) / len(shared)
+                return {"alone_steps_per_s": alone["steps_per_s"], "per_copy_steps_per_s": per_copy,
+                        "ratio": per_copy / alone["steps_per_s"], "copies": shared, "alone": alone}
+            cases[f"{kind}/{policy}"] = case
+    result = harness.new_result(
+        f"{args.copies} copies x {args.threads} threads of a water training / MD on {harness.cpus_available()} CPUs against one alone",
+        " ".join(["python", "bench/oversubscription.py"] + sys.argv[1:]), args.threads,
+        copies=args.copies, seconds=args.seconds, policies=args.policies and {p: POLICIES[p] for p in args.policies})
+    rounds = harness.interleaved(cases, args.rounds)
+    result["rounds"] = rounds
+    result["summary"] = harness.summarise(rounds, ["alone_steps_per_s", "per_copy_steps_per_s", "ratio"])
+    print(json.dumps(result["summary"], indent=1))
+    harness.write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
