@@ -115,9 +115,9 @@ def machine_info() -> dict:
     }
 
 
-def new_result(what: str, command: str, threads: int, **extra) -> dict:
-    """The common head of every results file; ``finish`` adds the end time and the load after."""
-    return {"benchmark": what, "command": command, "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+def new_result(benchmark: str, command: str, threads: int, **extra) -> dict:
+    """The common head of every results file (``write_result`` adds the end time and the load after)."""
+    return {"benchmark": benchmark, "command": command, "threads": threads, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "git_revision": git_revision(), "machine": machine_info(), **extra}
 
 

@@ -12,7 +12,10 @@ timed window together (each waits for all to be warmed up), so they overlap for 
 
 Policies (the OpenMP wait policy each copy's environment gets):
 * ``dpelt``: nothing set; dpelt's own default applies (pipeline/runtime.py: OMP_WAIT_POLICY=PASSIVE);
-* ``spin``: GOMP_SPINCOUNT=300000, libgomp's default, what dpelt ran with before.
+* ``spin``: GOMP_SPINCOUNT=300000, libgomp's default, what dpelt ran with before;
+* ``short-spin``: GOMP_SPINCOUNT=10000 (a compromise, for comparison).
+``--kinds deepmd-tf-train`` adds DeePMD-kit's TF backend as the reference (N copies of a
+`dp --tf train` of --tf-steps steps; it runs with its own threading, so policy ``own``).
 
 Each round runs, for every policy and kind (order rotating between rounds), the copy alone and
 then N copies side by side. Reported per case: steps/s alone, per copy, and their ratio
@@ -100,8 +103,26 @@ def md_stepper(model, data: Path, threads: int):
     return lambda i: dyn.run(1)
 
 
+def deepmd_tf_case(copies: int, args, work: Path) -> list[dict]:
+    """``copies`` DeePMD-kit TF trainings (`dp --tf train`, --tf-steps steps) side by side: steps/s
+    between their first and last logged batch (start-up excluded; the copies start together, so
+    their timed windows overlap for most of their length)."""
+    tag = f"tf-{copies}-{time.monotonic_ns()}"
+    cmds = [[str(args.tf_venv / "bin" / "python"), str(HERE / "deepmd" / "run_deepmd.py"), "--backend", "tf", "--mode", "train",
+             "--data", str(args.data), "--steps", str(args.tf_steps), "--work", str(work / tag / str(i)), "--out", str(work / tag / f"{i}.json"),
+             "--threads", str(args.threads), "--example", str(harness.SHARED / "reference" / "deepmd-water-se_e2_a.input.json")] for i in range(copies)]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cmds]
+    for p in procs:
+        tail = p.communicate()[0]
+        if p.returncode != 0:
+            raise SystemExit(f"dp --tf train failed (exit {p.returncode}):\n{tail[-2000:]}")
+    return [{"steps_per_s": json.loads((work / tag / f"{i}.json").read_text())["train_steps_per_s"]} for i in range(copies)]
+
+
 def run_case(kind: str, policy: str, copies: int, args, work: Path) -> list[dict]:
     """``copies`` workers side by side; their results."""
+    if kind == "deepmd-tf-train":
+        return deepmd_tf_case(copies, args, work)
     ready = work / f"ready-{kind}-{policy}-{copies}-{time.monotonic_ns()}"
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(POLICIES[policy], OMP_NUM_THREADS=str(args.threads))
@@ -123,7 +144,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=15.0, help="timed window of every copy")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--kinds", nargs="+", default=["train", "md"], choices=["train", "md"])
+    ap.add_argument("--kinds", nargs="+", default=["train", "md"], choices=["train", "md", "deepmd-tf-train"],
+                    help="deepmd-tf-train: DeePMD-kit TF trainings of --tf-steps steps (its own threads; policies do not apply)")
+    ap.add_argument("--tf-steps", type=int, default=100)
+    ap.add_argument("--tf-venv", type=Path, default=Path("/root/.cache/dpelt/deepmd-tf-venv"))
     ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     ap.add_argument("--data", type=Path, default=harness.SHARED / "data" / "water")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "oversubscription")
@@ -139,18 +163,19 @@ def main() -> None:
         sys.exit(f"water data not found at {args.data}")
     cases = {}
     for kind in args.kinds:
-        for policy in args.policies:
+        for policy in (args.policies if kind != "deepmd-tf-train" else ["own"]):
             def case(r, kind=kind, policy=policy):
                 alone = run_case(kind, policy, 1, args, args.work)[0]
                 shared = run_case(kind, policy, args.copies, args, args.work)
                 per_copy = sum(c["steps_per_s"] for c in shared) / len(shared)
+                print(f"  {kind}/{policy}: alone {alone['steps_per_s']:.3g} steps/s, per copy {per_copy:.3g} ({per_copy / alone['steps_per_s']:.2f}x)", flush=True)
                 return {"alone_steps_per_s": alone["steps_per_s"], "per_copy_steps_per_s": per_copy,
                         "ratio": per_copy / alone["steps_per_s"], "copies": shared, "alone": alone}
             cases[f"{kind}/{policy}"] = case
     result = harness.new_result(
-        f"{args.copies} copies x {args.threads} threads of a water training / MD on {harness.cpus_available()} CPUs against one alone",
-        " ".join(["python", "bench/oversubscription.py"] + sys.argv[1:]), args.threads,
-        copies=args.copies, seconds=args.seconds, policies=args.policies and {p: POLICIES[p] for p in args.policies})
+        "oversubscription", " ".join(["python", "bench/oversubscription.py"] + sys.argv[1:]), args.threads,
+        what=f"{args.copies} copies x {args.threads} threads of a water training / MD on {harness.cpus_available()} CPUs against one alone",
+        copies=args.copies, seconds=args.seconds, policies={p: POLICIES[p] for p in args.policies})
     rounds = harness.interleaved(cases, args.rounds)
     result["rounds"] = rounds
     result["summary"] = harness.summarise(rounds, ["alone_steps_per_s", "per_copy_steps_per_s", "ratio"])

@@ -46,6 +46,8 @@ import harness  # noqa: E402
 REFERENCE = harness.SHARED / "reference" / "deepmd-water-se_e2_a.input.json"
 DEFAULT_VENVS = {"tf": Path("/root/.cache/dpelt/deepmd-tf-venv"), "pt": Path("/root/.cache/dpelt/deepmd-pt-venv")}
 SETUP = {"tf": HERE / "deepmd" / "setup_tf_venv.sh", "pt": HERE / "deepmd" / "setup_venv.sh"}
+#: bench/dpelt_infer.py's arguments selecting the uncompressed (False) or compressed (True) model form
+DPELT_INFER_ARGS = {False: [], True: ["--compress"]}
 SPEEDS = ["train_steps_per_s", "infer_atom_evals_per_s", "md_atom_steps_per_s"]
 #: (numerator column, denominator column, figures): what "dpelt / fastest DeePMD-kit" compares
 RATIOS = [("dpelt", "deepmd-tf", ["train_steps_per_s"]),
@@ -92,7 +94,7 @@ def dpelt_infer(model: Path, data: Path, work: Path, threads: int, compress: boo
     work.mkdir(parents=True, exist_ok=True)
     out = work / ("infer-compressed.json" if compress else "infer.json")
     cmd = [sys.executable, str(HERE / "dpelt_infer.py"), str(model), str(data / "data_3"), str(out), "--threads", str(threads)]
-    harness.run(cmd + (["--compress"] if compress else []), cwd=work, env=dpelt_env(threads))
+    harness.run(cmd + DPELT_INFER_ARGS[compress], cwd=work, env=dpelt_env(threads))
     res = json.loads(out.read_text())
     return {"infer_atom_evals_per_s": res["atom_evals_per_s"], "md_atom_steps_per_s": res["md_atom_steps_per_s"],
             "md_energy_drift_eV_per_atom": res["md_energy_drift_eV_per_atom"], "infer_peak_rss_kb": res["peak_rss_kb"]}
