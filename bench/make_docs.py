@@ -79,12 +79,12 @@ def render_water(res: dict) -> str:
 
 def render_oversubscription(res: dict) -> str:
     """Steps/s alone and per copy, and their ratio, per kind and wait policy."""
-    rows = [[case, best_median(s.get("alone_steps_per_s")), best_median(s.get("per_copy_steps_per_s")), best_median(s.get("ratio"))]
+    rows = [[case] + [best_median(s.get(k)) for k in ("alone_steps_per_s", "per_copy_steps_per_s", "ratio", "alone_cpu_ms_per_step", "per_copy_cpu_ms_per_step")]
             for case, s in res.get("summary", {}).items()]
     loads = [r.get("_load_1min") for r in res.get("rounds", [])]
     return (f"{res.get('copies')} copies x {res.get('threads')} threads, {res.get('seconds')} s timed window per copy; "
             f"policies: {fmt(json.dumps(res.get('policies', {})))}; 1-min load at the start of each round: {fmt(loads)}\n\n"
-            + table(["kind/policy", "steps/s alone", "steps/s per copy", "per copy / alone"], rows))
+            + table(["kind/policy", "steps/s alone", "steps/s per copy", "per copy / alone", "CPU ms/step alone", "CPU ms/step per copy"], rows))
 
 
 def render_loop_profile(res: dict) -> str:

@@ -61,7 +61,8 @@ def worker(kind: str, threads: int, seconds: float, ready: Path, copies: int, da
         step(WARMUP + n)
         n += 1
     wall = time.perf_counter() - t0
-    return {"steps": n, "steps_per_s": n / wall, "cpu_per_wall": (time.process_time() - cpu0) / wall}
+    cpu = time.process_time() - cpu0  # all threads of this process
+    return {"steps": n, "steps_per_s": n / wall, "cpu_per_wall": cpu / wall, "cpu_ms_per_step": 1e3 * cpu / max(n, 1)}
 
 
 def train_stepper(cfg, model, systems, sampler, params, opt):
@@ -169,8 +170,12 @@ def main() -> None:
                 shared = run_case(kind, policy, args.copies, args, args.work)
                 per_copy = sum(c["steps_per_s"] for c in shared) / len(shared)
                 print(f"  {kind}/{policy}: alone {alone['steps_per_s']:.3g} steps/s, per copy {per_copy:.3g} ({per_copy / alone['steps_per_s']:.2f}x)", flush=True)
-                return {"alone_steps_per_s": alone["steps_per_s"], "per_copy_steps_per_s": per_copy,
-                        "ratio": per_copy / alone["steps_per_s"], "copies": shared, "alone": alone}
+                out = {"alone_steps_per_s": alone["steps_per_s"], "per_copy_steps_per_s": per_copy,
+                       "ratio": per_copy / alone["steps_per_s"], "copies": shared, "alone": alone}
+                if "cpu_ms_per_step" in alone:  # CPU burnt per step: spinning shows here whatever the load
+                    out["alone_cpu_ms_per_step"] = alone["cpu_ms_per_step"]
+                    out["per_copy_cpu_ms_per_step"] = sum(c["cpu_ms_per_step"] for c in shared) / len(shared)
+                return out
             cases[f"{kind}/{policy}"] = case
     result = harness.new_result(
         "oversubscription", " ".join(["python", "bench/oversubscription.py"] + sys.argv[1:]), args.threads,
@@ -178,7 +183,7 @@ def main() -> None:
         copies=args.copies, seconds=args.seconds, policies={p: POLICIES[p] for p in args.policies})
     rounds = harness.interleaved(cases, args.rounds)
     result["rounds"] = rounds
-    result["summary"] = harness.summarise(rounds, ["alone_steps_per_s", "per_copy_steps_per_s", "ratio"])
+    result["summary"] = harness.summarise(rounds, ["alone_steps_per_s", "per_copy_steps_per_s", "ratio", "alone_cpu_ms_per_step", "per_copy_cpu_ms_per_step"])
     print(json.dumps(result["summary"], indent=1))
     harness.write_result(args.out, result)
 

@@ -200,7 +200,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500, help="training steps of the main run")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved speed repeats after the main run")
-    ap.add_argument("--round-steps", type=int, default=300, help="training steps of a speed repeat")
+    ap.add_argument("--round-steps", type=int, default=300, help="training steps of a speed repeat (>= 200: DeePMD-kit logs every 100)")
     ap.add_argument("--backends", nargs="*", default=["tf"], choices=["tf", "pt"], help="DeePMD-kit backends to compare with (none: dpelt only)")
     ap.add_argument("--dpelt-compress", action="store_true", help="add the dpelt-compressed column (dpelt_infer.py --compress)")
     ap.add_argument("--data", type=Path, default=harness.SHARED / "data" / "water")

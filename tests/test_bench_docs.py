@@ -64,7 +64,7 @@ def test_water_and_oversubscription_tables():
     assert "| train_steps_per_s | 3 / 2 | 1.5 / 1 |" in text
     assert "| dpelt / deepmd-tf | train_steps_per_s | 2 / 2 |" in text
     over = {"copies": 2, "threads": 2, "seconds": 10, "summary": {"train/dpelt": {"alone_steps_per_s": bm, "per_copy_steps_per_s": bm, "ratio": {"best": 0.5, "median": 0.45}}}}
-    assert "| train/dpelt | 3 / 2 | 3 / 2 | 0.5 / 0.45 |" in make_docs.render_oversubscription(over)
+    assert "| train/dpelt | 3 / 2 | 3 / 2 | 0.5 / 0.45 | – | – |" in make_docs.render_oversubscription(over)
 
 
 def test_harness_rounds_rotate_and_summarise():
