@@ -70,12 +70,13 @@ def best_median(values: list[float], larger_is_better: bool = True) -> dict:
     return {"all": vals, "best": max(vals) if larger_is_better else min(vals), "median": statistics.median(vals)}
 
 
-def summarise(rounds: list[dict], keys: list[str]) -> dict:
-    """Per case and key (those the case measured): best/median over rounds."""
+def summarise(rounds: list[dict], keys: list[str], smaller_is_better: tuple[str, ...] = ()) -> dict:
+    """Per case and key (those the case measured): best/median over rounds (the best of a key in
+    ``smaller_is_better``, e.g. a time, is its minimum)."""
     names = [n for n in rounds[0] if not n.startswith("_")] if rounds else []
     out: dict = {}
     for name in names:
-        out[name] = {k: best_median([r[name][k] for r in rounds]) for k in keys if k in rounds[0][name]}
+        out[name] = {k: best_median([r[name][k] for r in rounds], k not in smaller_is_better) for k in keys if k in rounds[0][name]}
     return out
 
 

@@ -47,7 +47,7 @@ def table(header: list[str], rows: list[list]) -> str:
 def head(res: dict) -> str:
     """The provenance table of a results file."""
     machine = res.get("machine", {})
-    rows = [[k, res[k]] for k in ("benchmark", "what", "command", "date", "finished", "git_revision", "threads") if k in res]
+    rows = [[k, res[k]] for k in ("benchmark", "what", "command", "date", "finished", "git_revision", "threads", "note") if k in res]
     if machine:
         rows.append(["CPUs (available)", f"{machine.get('cpus')} ({machine.get('cpus_available', machine.get('cpus'))})"])
         if "load_avg" in machine:
@@ -115,11 +115,16 @@ def flatten(d: dict, prefix: str = "") -> list[list]:
 
 
 def render_generic(res: dict) -> str:
-    skip = {"benchmark", "what", "command", "date", "finished", "git_revision", "threads", "machine"}
+    skip = {"benchmark", "what", "command", "date", "finished", "git_revision", "threads", "machine", "note"}
     return table(["key", "value"], flatten({k: v for k, v in res.items() if k not in skip}))
 
 
 RENDERERS = {"water": render_water, "oversubscription": render_oversubscription, "loop_profile": render_loop_profile}
+
+
+def renderer(stem: str, res: dict):
+    """The table maker of a results file: by its benchmark name, else generic."""
+    return RENDERERS.get(str(res.get("benchmark")), RENDERERS.get(stem, render_generic))
 
 
 def render(results: Path) -> str:
@@ -127,7 +132,7 @@ def render(results: Path) -> str:
     parts = [TITLE, "\n", INTRO]
     for path in sorted(results.glob("*.json")):
         res = json.loads(path.read_text())
-        parts += [f"\n## {path.stem}\n\n", f"`bench/results/{path.name}`\n\n", head(res), "\n", RENDERERS.get(path.stem, render_generic)(res)]
+        parts += [f"\n## {path.stem}\n\n", f"`bench/results/{path.name}`\n\n", head(res), "\n", renderer(path.stem, res)(res)]
     return "".join(parts)
 
 

@@ -41,6 +41,7 @@ import harness  # noqa: E402
 
 POLICIES = {"dpelt": {}, "spin": {"GOMP_SPINCOUNT": "300000"}, "short-spin": {"GOMP_SPINCOUNT": "10000"}}
 WARMUP = 3
+SUMMARY_KEYS = ["alone_steps_per_s", "per_copy_steps_per_s", "ratio", "alone_cpu_ms_per_step", "per_copy_cpu_ms_per_step"]
 
 
 def worker(kind: str, threads: int, seconds: float, ready: Path, copies: int, data: Path) -> dict:
@@ -183,7 +184,7 @@ def main() -> None:
         copies=args.copies, seconds=args.seconds, policies={p: POLICIES[p] for p in args.policies})
     rounds = harness.interleaved(cases, args.rounds)
     result["rounds"] = rounds
-    result["summary"] = harness.summarise(rounds, ["alone_steps_per_s", "per_copy_steps_per_s", "ratio", "alone_cpu_ms_per_step", "per_copy_cpu_ms_per_step"])
+    result["summary"] = harness.summarise(rounds, SUMMARY_KEYS, smaller_is_better=("alone_cpu_ms_per_step", "per_copy_cpu_ms_per_step"))
     print(json.dumps(result["summary"], indent=1))
     harness.write_result(args.out, result)
 

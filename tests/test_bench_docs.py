@@ -76,6 +76,7 @@ def test_harness_rounds_rotate_and_summarise():
     assert summary["a"]["v"] == {"all": [1.0, 2.0], "best": 2.0, "median": 1.5}
     assert harness.ratios(summary, "a", "b") == {"v": {"best": 1.0, "median": 0.75}}
     assert harness.best_median([3.0, 1.0, 2.0], larger_is_better=False)["best"] == 1.0
+    assert harness.summarise(rounds, ["v"], smaller_is_better=("v",))["a"]["v"]["best"] == 1.0
 
 
 def test_results_file_carries_provenance(tmp_path):
