@@ -4,8 +4,8 @@
   their parallel regions on GNU OpenMP, whose default is to spin ~300 000 times at every barrier
   before sleeping. Alone on its cores that saves a wake-up; beside other jobs (``snakemake
   --cores N`` with many jobs, a shared node) a thread spins on a core while the thread it waits
-  for has been descheduled, and a training of the water model fell to 0.15x of its quiet speed
-  when two ran on two cores (fair sharing is 0.5x; bench/oversubscription.py). libgomp reads
+  for has been descheduled, so a job loses far more than its share of the CPU
+  (bench/oversubscription.py measures both policies under load). libgomp reads
   the policy once, when it is loaded (that is, when torch is imported), so it is put into the
   environment when this module is imported -- :mod:`pipeline` imports it first, before any
   submodule can import torch -- and job processes' children inherit it. A value set by the user
