@@ -203,6 +203,22 @@ def batch_eval_ms(model, systems, nframes: int) -> float:
     return timed(lambda: model.forward_rij(b.rij, b.nlist, b.atype, True, True, False, b.partner), 30)
 
 
+def implications(result: dict) -> list[str]:
+    """What the measured figures imply for stacked training and batched walkers (from the findings)."""
+    f = result["findings"]
+    top = max(o["share"] for o in result["profiles"]["training"]["top_ops"])
+    return [
+        f"a training step runs {f['training_aten_ops_per_step']:.0f} aten ops of {f['training_us_per_aten_op']:.1f} us each on average, "
+        f"the largest taking {100 * top:.0f} % of the step: per-op cost (dispatch, autograd, Python), not arithmetic, sets the time",
+        f"a 4-frame batch costs {f['training_batch4_over_batch1']:.2f}x a 1-frame step: 4 members trained as one stacked step "
+        f"(same op count, 4x the rows) could cost about that instead of 4x, i.e. ~{4 / f['training_batch4_over_batch1']:.1f}x faster ensemble training",
+        f"an MD step with 4 members runs {f['md_aten_ops_per_step']:.0f} aten ops; 4 members cost {f['eval_4_members_over_1']:.2f}x one model "
+        f"and one model on 4 frames {f['eval_4_frames_over_1_frame']:.2f}x one frame: batching walkers (tasks x members in one call) "
+        f"would amortise the per-op cost the same way",
+        "faster arithmetic alone (e.g. tabulated embedding nets) cannot pay much here: the arithmetic is a minor part of each op's cost",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -230,6 +246,7 @@ def main() -> None:
         "eval_4_members_over_1": ex["eval_ms"]["four_models_one_frame"] / ex["eval_ms"]["one_model_one_frame"],
         "eval_4_frames_over_1_frame": ex["eval_ms"]["one_model_four_frames"] / ex["eval_ms"]["one_model_one_frame_tensor"],
     }
+    result["implications"] = implications(result)
     print(json.dumps(result["findings"], indent=1))
     harness.write_result(args.out, result)
 

@@ -88,13 +88,16 @@ def render_oversubscription(res: dict) -> str:
 
 
 def render_loop_profile(res: dict) -> str:
+    """Per part (training, exploration): its figures, then the ops taking the most time."""
     out = []
-    for part, prof in res.get("profiles", {}).items():
-        out.append(f"{part}: {fmt(prof.get('ms_per_step'))} ms per step, {fmt(prof.get('ops_per_step'))} ops per step\n\n")
-        out.append(table(["op", "self CPU ms/step", "share", "calls/step"], [[o["name"], o["self_ms_per_step"], o["share"], o["calls_per_step"]] for o in prof.get("top_ops", [])]))
-        out.append("\n")
     if res.get("findings"):
-        out.append(table(["finding", "value"], [[k, v] for k, v in res["findings"].items()]))
+        out.append(table(["finding", "value"], [[k, v] for k, v in res["findings"].items()]) + "\n")
+    if res.get("implications"):
+        out.append(table(["implication (computed from the findings)"], [[t] for t in res["implications"]]) + "\n")
+    for part, prof in res.get("profiles", {}).items():
+        out.append(f"{part}:\n\n" + table(["figure", "value"], flatten({k: v for k, v in prof.items() if k != "top_ops"})) + "\n")
+        out.append(table(["op", "self CPU ms/step", "share of the step", "calls/step"],
+                         [[o["name"], o["self_ms_per_step"], o["share"], o["calls_per_step"]] for o in prof.get("top_ops", [])]) + "\n")
     return "".join(out)
 
 
