@@ -66,13 +66,13 @@ def render_water(res: dict) -> str:
     if "columns" not in res:
         return render_generic(res)
     cols = res["columns"]
-    out = ["Speed, best / median over rounds:\n", table(["figure"] + cols, [[k] + [best_median(res["speed"].get(c, {}).get(k)) for c in cols] for k in res["speed_keys"]])]
+    out = ["Speed, best / median over rounds:\n\n", table(["figure"] + cols, [[k] + [best_median(res["speed"].get(c, {}).get(k)) for c in cols] for k in res["speed_keys"]])]
     if res.get("ratios"):
         rows = [[name, key, best_median(r)] for name, per in res["ratios"].items() for key, r in per.items()]
-        out += ["\nRatios (best / median):\n", table(["ratio", "figure", "best / median"], rows)]
+        out += ["\nRatios (best / median):\n\n", table(["ratio", "figure", "best / median"], rows)]
     if res.get("main"):
         keys = sorted({k for v in res["main"].values() for k in v if not isinstance(v[k], (dict, list))})
-        out += [f"\nMain run ({res.get('steps')} training steps; accuracy on data_3, start-up, memory):\n",
+        out += [f"\nMain run ({res.get('steps')} training steps; accuracy on data_3, start-up, memory):\n\n",
                 table(["key"] + list(res["main"]), [[k] + [res["main"][c].get(k, "–") for c in res["main"]] for k in keys])]
     return "".join(out)
 
