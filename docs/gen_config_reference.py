@@ -33,9 +33,9 @@ Units: eV, Å, fs, K, bar unless the key says otherwise. The DP-GEN names are in
 
 def schema_path() -> Path:
     """The schema the package validates with (found through the package, wherever it lives)."""
-    from pipeline.runconfig import SCHEMA
+    from importlib.resources import files
 
-    return Path(SCHEMA)
+    return Path(str(files("pipeline").joinpath("schema.yaml")))
 
 
 def _type(node: dict) -> str:

@@ -3,6 +3,7 @@
 
 import json
 import os
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,18 +17,24 @@ from pipeline.seeds import derive_seed
 # the file named in errors: the last --configfile, else the default config
 CONFIG_SOURCE = str(workflow.overwrite_configfiles[-1]) if workflow.overwrite_configfiles else "config/config.yaml"
 try:
-    validate_schema(config, Path(workflow.basedir) / "config" / "schema.yaml", CONFIG_SOURCE)  # one line naming the key
+    validate_schema(config, CONFIG_SOURCE)  # pipeline/schema.yaml; one line naming the key
     # the init inputs (init.data, structure files) only matter until the initial data exist
     cross_check(config, source=CONFIG_SOURCE, check_paths=not Path("data/init/frames.nc").exists())
 except ConfigError as exc:
     raise WorkflowError(f"dpelt: invalid configuration: {exc}") from None
 
-# label.timeout reaches `dpelt label`, `dpelt init` and `dpelt holdout` through the environment, not
-# through the rules' commands or params: a new or changed limit must not rerun finished steps.
-if config["label"]["timeout"] is not None:
-    os.environ.update(DPELT_LABEL_TIMEOUT=str(config["label"]["timeout"]))  # (set, not read: no envvars directive)
-else:
-    os.environ.pop("DPELT_LABEL_TIMEOUT", None)
+# label.timeout reaches `dpelt label`, `dpelt init` and `dpelt holdout` as their --timeout, through
+# a job resource (rules use `resources: label_timeout=LABEL_TIMEOUT`): unlike a param, a resource
+# is no rerun trigger, so a new or changed limit does not rerun finished steps.
+LABEL_TIMEOUT = "none" if config["label"]["timeout"] is None else repr(float(config["label"]["timeout"]))
+
+
+onstart:
+    # `dpelt resume` knows this run's driver (and, through it, its jobs) from this record, never
+    # from command lines; dpelt jobs record themselves when their ancestor is this driver
+    from pipeline.recovery import record_driver
+
+    record_driver(".")
 
 
 wildcard_constraints:
@@ -176,6 +183,11 @@ def models_of(wc):
     return [f"{iter_dir(wc.i)}/train/{k}/model.pt" for k in range(NUMB_MODELS)]
 
 
+def fps_model(wc):
+    """The model whose descriptors spread the picked candidates (select.spread: fps), else none."""
+    return models_of(wc)[:1] if config["select"]["spread"] == "fps" else []
+
+
 def warm_start_model(wc):
     if config["train"]["warm_start"] and int(wc.i) > 0:
         return [ancient(f"{iter_dir(int(wc.i) - 1)}/train/{wc.k}/model.pt")]
@@ -265,4 +277,4 @@ def publish_finished_run():
     if not config["publish"]["auto"] or not Path(".git").exists():
         return
     remote = config["publish"]["remote"]
-    shell("dpelt publish --all" + (f" --remote {remote}" if remote else "") + " >> logs/publish.log 2>&1 || echo 'dpelt publish failed: see logs/publish.log'")
+    shell(f"dpelt publish --all --configfile {shlex.quote(CONFIG_SOURCE)}" + (f" --remote {remote}" if remote else "") + " >> logs/publish.log 2>&1 || echo 'dpelt publish failed: see logs/publish.log'")

@@ -171,7 +171,7 @@ def test_named_make_targets_exist():
 
 def _schema_keys() -> tuple[set[str], set[str]]:
     """(every dotted key path of the run config schema, every key name at any depth)."""
-    from pipeline.runconfig import SCHEMA
+    from pipeline.runconfig import schema
 
     paths: set[str] = set()
     names: set[str] = set()
@@ -185,7 +185,7 @@ def _schema_keys() -> tuple[set[str], set[str]]:
             if isinstance(child.get("items"), dict):
                 walk(child["items"], path)
 
-    walk(yaml.safe_load(Path(SCHEMA).read_text()), "")
+    walk(schema(), "")
     return paths, names
 
 
