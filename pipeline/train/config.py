@@ -125,7 +125,7 @@ class TrainingSection:
     profiling: bool = unsupported(False)
     tensorboard: bool = unsupported(False)
     mixed_precision: Optional[dict] = unsupported(None)
-    change_bias_after_training: bool = unsupported(False)
+    change_bias_after_training: bool = False
 
     def check(self, key: str, source: str | None) -> None:
         if self.numb_steps < 0:
