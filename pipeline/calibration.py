@@ -51,7 +51,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def frame_errors(models: Sequence, path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Per labelled frame under ``path``: max_devi_f, max_true_f, rmse_true_f (eV/Å), temperature_K, system."""
+    """Per labelled frame under ``path``: max_devi_f, max_true_f, rmse_true_f (eV/Å), temperature_K,
+    system (the exploration task that produced it, else the system's name)."""
     from .evaluate import predict
 
     out: dict[str, list] = {k: [] for k in ("max_devi_f", "max_true_f", "rmse_true_f", "temperature_K", "system")}
@@ -68,7 +69,10 @@ def frame_errors(models: Sequence, path: str | os.PathLike) -> dict[str, np.ndar
         out["max_true_f"].append(np.linalg.norm(err, axis=-1).max(axis=1))
         out["rmse_true_f"].append(np.sqrt(np.mean(err.reshape(nf, -1) ** 2, axis=1)))
         out["temperature_K"].append(ds["temperature_K"].values if "temperature_K" in ds.coords else np.full(nf, np.nan))
-        out["system"] += [str(ds.attrs.get("system", "")) or str(ds.attrs.get("source", ""))] * nf
+        if "source_task" in ds.coords:  # the exploration task (system_T..): labelled frames carry it
+            out["system"] += [str(x) for x in ds["source_task"].values]
+        else:
+            out["system"] += [str(ds.attrs.get("system", "")) or str(ds.attrs.get("source", ""))] * nf
     return {k: (np.concatenate(v) if k != "system" and v else np.asarray(v, dtype=object if k == "system" else np.float64)) for k, v in out.items()}
 
 

@@ -58,7 +58,7 @@ def test_calibration_true_error_is_the_ensemble_mean_force_error(labelled, tmp_p
     assert np.allclose(fr["max_true_f"], np.linalg.norm(err, axis=-1).max(1))
     assert np.allclose(fr["rmse_true_f"], np.sqrt((err**2).reshape(len(err), -1).mean(1)))
     assert fr["max_devi_f"] == pytest.approx(ds["max_devi_f"].values.tolist())  # what the selection saw
-    assert sorted(set(fr["temperature_K"])) == [300.0, 900.0] and set(fr["system"]) == {"cu"}
+    assert sorted(set(fr["temperature_K"])) == [300.0, 900.0] and set(fr["system"]) == {"example-Cu-T300", "example-Cu-T900"}  # the task per frame
     assert c["spearman_devi_vs_true_max_f"] == pytest.approx(spearman(np.array(fr["max_devi_f"]), np.array(fr["max_true_f"])))
     assert json.loads((tmp_path / "cal.json").read_text())["nframes"] == c["nframes"]
 
