@@ -151,8 +151,7 @@ def test_normalized_loss_has_deepmd_weights_and_a_constant_scale():
 
     deepmd = LossConfig(start_pref_v=0.5, limit_pref_v=2.0)
     ours = LossConfig(start_pref_v=0.5, limit_pref_v=2.0, normalize_prefactors=True)
-    assert ours == LossConfig(start_pref_v=0.5, limit_pref_v=2.0)  # the default
-    deepmd = replace(deepmd, normalize_prefactors=False)
+    assert deepmd == LossConfig(start_pref_v=0.5, limit_pref_v=2.0, normalize_prefactors=False)  # the default: a DeePMD-kit input trains as in DeePMD-kit
     gen = torch.Generator().manual_seed(0)
     pred = {k: torch.randn(*shape, generator=gen, dtype=torch.float64) for k, shape in (("energy", (2,)), ("force", (2, 5, 3)), ("virial", (2, 9)))}
     label = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in pred.items()}

@@ -26,6 +26,7 @@ zero), the ensemble mean's energy and force RMSE.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import sys
@@ -119,6 +120,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=3, help="warm-started iterations after iteration 0")
     ap.add_argument("--members", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--holdout", type=Path, help="held-out frames (default: RUN_DIR/data/holdout/frames.nc)")
     ap.add_argument("--reuse-iteration0", action="store_true", help="start every variant's chain from the run's own iteration-0 members (cheaper: the variants then differ in the warm starts only)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--work", type=Path, default=Path(__file__).resolve().parent / "work" / "energy_warmstart")
@@ -127,6 +129,10 @@ def main() -> None:
     from pipeline.fileio import write_text_atomic
 
     run = args.run.resolve()
+    for name in ("work", "out", "plot", "holdout", "bias_run"):  # the run's relative paths (init structures) are read from inside it
+        if getattr(args, name, None) is not None:
+            setattr(args, name, getattr(args, name).resolve())
+    os.chdir(run)
     t0 = time.perf_counter()
     jobs = [(v, k) for v in args.variants for k in range(args.members)]
     with ProcessPoolExecutor(args.jobs) as pool:
@@ -136,7 +142,7 @@ def main() -> None:
     for v in args.variants:
         per_iter = []
         for i in range(args.iterations + 1):
-            r = holdout_errors([paths[(v, k)][i] for k in range(args.members)], run / "data/holdout/frames.nc")
+            r = holdout_errors([paths[(v, k)][i] for k in range(args.members)], args.holdout or run / "data/holdout/frames.nc")
             r["iteration"] = i
             r["max_abs_member_offset_per_atom"] = max(abs(x) for x in r["member_energy_offset_per_atom"])
             per_iter.append(r)

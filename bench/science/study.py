@@ -25,7 +25,7 @@ overall and per cell; per arm and budget the mean and standard deviation over se
 labels each arm needs to reach the ELT arm's final force RMSE (log-log interpolation); a
 learning-curve plot. Scales:
 
-  quick  numb_steps 600, holdout 3 frames per cell, the ELT budgets of up to 3 iterations
+  quick  numb_steps 400, holdout 3 frames per cell, the ELT budgets of up to 2 iterations
   full   numb_steps = the run's, holdout 10 frames per cell, every iteration's budget
 
 Timings on a shared machine are noisy; the JSON records the wall time and the scale.
@@ -34,6 +34,7 @@ Timings on a shared machine are noisy; the JSON records the wall time and the sc
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import math
 import statistics
@@ -46,7 +47,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 SCALES = {
-    "quick": {"numb_steps": 600, "holdout_frames": 3, "max_points": 3, "aimd_factors": (1, 3, 10)},
+    "quick": {"numb_steps": 400, "holdout_frames": 3, "max_points": 2, "aimd_factors": (1, 3, 10)},
     "full": {"numb_steps": None, "holdout_frames": 10, "max_points": None, "aimd_factors": (1, 3, 10, 30)},
 }
 
@@ -69,7 +70,7 @@ def cells(cfg: dict) -> list[tuple[str, float]]:
 
 
 def label_iterations(run: Path) -> list[Path]:
-    return sorted(p.parent for p in (run / "iter").glob("*/label/frames.nc"))
+    return sorted(p.parent.parent for p in (run / "iter").glob("*/label/frames.nc"))
 
 
 def nframes_in(path: Path) -> int:
@@ -212,6 +213,8 @@ def main() -> None:
     ap.add_argument("--scale", choices=list(SCALES), default="quick")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--steps", type=int, help="override the scale's training steps (a smoke test)")
+    ap.add_argument("--iterations", type=int, help="use the labels of at most this many loop iterations (default: the scale's)")
     ap.add_argument("--bias-run", type=Path, help="a second run differing in explore.bias: its ELT labels are arm elt-bias")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "study")
     ap.add_argument("--out", type=Path)
@@ -221,8 +224,16 @@ def main() -> None:
     from pipeline.seeds import derive_seed
 
     t0 = time.perf_counter()
-    sc = SCALES[args.scale]
+    sc = dict(SCALES[args.scale])
+    if args.steps is not None:
+        sc["numb_steps"] = args.steps
+    if args.iterations is not None:
+        sc["max_points"] = args.iterations
     run = args.run.resolve()
+    for name in ("work", "out", "plot", "holdout", "bias_run"):  # the run's relative paths (init structures) are read from inside it
+        if getattr(args, name, None) is not None:
+            setattr(args, name, getattr(args, name).resolve())
+    os.chdir(run)
     cfg = run_config(run)
     work = args.work / args.scale
     work.mkdir(parents=True, exist_ok=True)
