@@ -17,6 +17,7 @@ Variants (``loss.normalize_prefactors``, refit of the energy bias before a warm 
   deepmd+refit    false, yes, no
   normalized+refit true, yes, no
   normalized+refit+after true, yes, yes
+  deepmd+refit+after false, yes, yes
 
 Reported per variant and iteration, on the run's held-out frames (data/holdout): each member's
 energy RMSE (eV/atom) and its offset (mean of model − label per atom: the drift of the energy
@@ -43,6 +44,7 @@ VARIANTS = {
     "deepmd+refit": (False, True, False),
     "normalized+refit": (True, True, False),
     "normalized+refit+after": (True, True, True),
+    "deepmd+refit+after": (False, True, True),
 }
 
 
@@ -57,6 +59,7 @@ def chain(run: str, variant: str, member: int, iterations: int, work: str, reuse
     from pipeline.train import loop
     from pipeline.train.config import parse_train_config
     from pipeline.runconfig import train_input
+    from pipeline.seeds import derive_seed
 
     run, work = Path(run), Path(work)
     norm, refit, after = VARIANTS[variant]
@@ -66,8 +69,7 @@ def chain(run: str, variant: str, member: int, iterations: int, work: str, reuse
     prev = None
     for i in range(iterations + 1):
         out = work / variant / f"{i:03d}" / str(member)
-        resolved = json.loads((run / "iter" / f"{i:03d}" / "train" / str(member) / "input.json").read_text())
-        seed = resolved["training"]["seed"]
+        seed = derive_seed(cfg_run["seed"], "train", i, member)  # the loop's seed of this member (rules/common.smk train_seed)
         inp = train_input(cfg_run)
         systems = [str(run / "data/init/frames.nc")] + [str(run / "iter" / f"{j:03d}" / "label" / "frames.nc") for j in range(i)]
         inp["training"] = dict(inp["training"], seed=seed, training_data=dict(inp["training"].get("training_data", {}), systems=systems))

@@ -25,7 +25,7 @@ overall and per cell; per arm and budget the mean and standard deviation over se
 labels each arm needs to reach the ELT arm's final force RMSE (log-log interpolation); a
 learning-curve plot. Scales:
 
-  quick  numb_steps 400, holdout 3 frames per cell, the ELT budgets of up to 2 iterations
+  quick  numb_steps 1000, holdout 3 frames per cell, the ELT budgets of up to 2 iterations
   full   numb_steps = the run's, holdout 10 frames per cell, every iteration's budget
 
 Timings on a shared machine are noisy; the JSON records the wall time and the scale.
@@ -47,7 +47,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 SCALES = {
-    "quick": {"numb_steps": 400, "holdout_frames": 3, "max_points": 2, "aimd_factors": (1, 3, 10)},
+    "quick": {"numb_steps": 1000, "holdout_frames": 3, "max_points": 2, "aimd_factors": (1, 10)},
     "full": {"numb_steps": None, "holdout_frames": 10, "max_points": None, "aimd_factors": (1, 3, 10, 30)},
 }
 
@@ -143,6 +143,11 @@ def random_labels(cfg: dict, run: Path, iters: list[Path], counts: list[int], se
     write_images(by, cfg["type_map"], out)
 
 
+def aimd_steps(budget: int, ncells: int, trj_freq: int) -> int:
+    """Oracle MD steps a budget buys in all: an equal share per cell, at least one kept frame's worth."""
+    return max(trj_freq, budget // ncells) * ncells
+
+
 def aimd_labels(cfg: dict, run: Path, budget: int, trj_freq: int, out: Path) -> None:
     """Oracle MD of ``budget`` steps in all, split evenly over the cells; a frame every trj_freq steps."""
     from pipeline.seeds import derive_seed
@@ -150,7 +155,7 @@ def aimd_labels(cfg: dict, run: Path, budget: int, trj_freq: int, out: Path) -> 
     if out.exists():
         return
     cs = cells(cfg)
-    per = max(trj_freq, budget // len(cs))
+    per = aimd_steps(budget, len(cs), trj_freq) // len(cs)
     by: dict[str, list] = {}
     for system, T in cs:
         by.setdefault(system, []).extend(oracle_md_frames(cfg, run, system, T, per, trj_freq, derive_seed(cfg["seed"], "study-aimd", system, T), 0, out.parent / "work" / f"aimd{budget}"))
@@ -245,6 +250,7 @@ def main() -> None:
     budgets = list(np.cumsum(per_iter))
     trj_freq = int(cfg["explore"]["stages"][0]["trj_freq"])
     arms: dict[str, list[tuple[int, list[str]]]] = {"elt": [], "random": [], "aimd": []}
+    steps: dict[tuple, int] = {}  # labels actually spent where they differ from the nominal budget
     for k, d in enumerate(iters):
         arms["elt"].append((int(budgets[k]), [str(x / "label" / "frames.nc") for x in iters[: k + 1]]))
         rpath = work / "random" / f"{d.name}.nc"
@@ -256,6 +262,7 @@ def main() -> None:
         apath.parent.mkdir(parents=True, exist_ok=True)
         aimd_labels(cfg, run, b, trj_freq, apath)
         arms["aimd"].append((b, [str(apath)]))
+        steps[("aimd", b)] = aimd_steps(b, len(cells(cfg)), trj_freq)
     if args.bias_run:
         bias_iters = label_iterations(args.bias_run.resolve())[: sc["max_points"]]
         bc = np.cumsum([nframes_in(d / "label" / "frames.nc") for d in bias_iters])
@@ -274,7 +281,7 @@ def main() -> None:
             for s in args.seeds:
                 for c in res[(arm, b, s)]["cells"]:
                     cellw.setdefault(c["cell"], []).append(c["force_rmse"])
-            rows.append({"labels": b, "force_rmse_mean": statistics.mean(fs), "force_rmse_std": statistics.pstdev(fs), "energy_rmse_mean": statistics.mean(es), "energy_rmse_std": statistics.pstdev(es),
+            rows.append({"labels": steps.get((arm, b), b), "budget": b, "force_rmse_mean": statistics.mean(fs), "force_rmse_std": statistics.pstdev(fs), "energy_rmse_mean": statistics.mean(es), "energy_rmse_std": statistics.pstdev(es),
                          "worst_cell_force_rmse_mean": max(statistics.mean(v) for v in cellw.values()), "worst_cell": max(cellw, key=lambda c: statistics.mean(cellw[c])), "per_seed": {str(s): res[(arm, b, s)] for s in args.seeds}})
         summary[arm] = rows
     target = summary["elt"][-1]["force_rmse_mean"]
