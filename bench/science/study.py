@@ -219,6 +219,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--steps", type=int, help="override the scale's training steps (a smoke test)")
+    ap.add_argument("--arms", nargs="+", help="train only these arms (the others must be cached in --work)")
+    ap.add_argument("--aimd-factors", type=float, nargs="+", help="AIMD budgets as multiples of the last ELT budget (default: the scale's)")
     ap.add_argument("--iterations", type=int, help="use the labels of at most this many loop iterations (default: the scale's)")
     ap.add_argument("--bias-run", type=Path, help="a second run differing in explore.bias: its ELT labels are arm elt-bias")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "study")
@@ -234,6 +236,8 @@ def main() -> None:
         sc["numb_steps"] = args.steps
     if args.iterations is not None:
         sc["max_points"] = args.iterations
+    if args.aimd_factors:
+        sc["aimd_factors"] = tuple(args.aimd_factors)
     run = args.run.resolve()
     for name in ("work", "out", "plot", "holdout", "bias_run"):  # the run's relative paths (init structures) are read from inside it
         if getattr(args, name, None) is not None:
@@ -267,6 +271,8 @@ def main() -> None:
         bias_iters = label_iterations(args.bias_run.resolve())[: sc["max_points"]]
         bc = np.cumsum([nframes_in(d / "label" / "frames.nc") for d in bias_iters])
         arms["elt-bias"] = [(int(bc[k]), [str(x / "label" / "frames.nc") for x in bias_iters[: k + 1]]) for k in range(len(bias_iters))]
+    if args.arms:
+        arms = {a: pts for a, pts in arms.items() if a in args.arms}
     jobs = {(arm, b, s): (str(run), cfg, [init] + data, s, sc["numb_steps"], str(work / "train" / arm / str(b) / str(s)), str(holdout)) for arm, pts in arms.items() for b, data in pts for s in args.seeds}
     with ProcessPoolExecutor(args.jobs) as pool:
         futs = {key: pool.submit(train_and_test, *job) for key, job in jobs.items()}
