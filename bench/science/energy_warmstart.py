@@ -141,10 +141,14 @@ def main() -> None:
         futs = {(v, k): pool.submit(chain, str(run), v, k, args.iterations, str(args.work), args.reuse_iteration0) for v, k in jobs}
         paths = {key: f.result() for key, f in futs.items()}
     results = {}
+    memo: dict[tuple, dict] = {}
     for v in args.variants:
         per_iter = []
         for i in range(args.iterations + 1):
-            r = holdout_errors([paths[(v, k)][i] for k in range(args.members)], args.holdout or run / "data/holdout/frames.nc")
+            models = tuple(paths[(v, k)][i] for k in range(args.members))
+            if models not in memo:  # the shared iteration-0 members (--reuse-iteration0) are judged once
+                memo[models] = holdout_errors(list(models), args.holdout or run / "data/holdout/frames.nc")
+            r = dict(memo[models])
             r["iteration"] = i
             r["max_abs_member_offset_per_atom"] = max(abs(x) for x in r["member_energy_offset_per_atom"])
             per_iter.append(r)

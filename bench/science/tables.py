@@ -68,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     text = args.doc.read_text()
     for name, make in TABLES.items():
-        text = re.sub(rf"(<!-- generated: {name} -->\n).*?(\n<!-- end: {name} -->)", lambda m: m.group(1) + make() + m.group(2), text, flags=re.S)
+        text = re.sub(rf"(<!-- generated: {name} -->\n).*?(<!-- end: {name} -->)", lambda m: m.group(1) + make() + "\n" + m.group(2), text, flags=re.S)
     args.doc.write_text(text)
 
 

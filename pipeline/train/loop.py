@@ -377,6 +377,10 @@ def train(
     model.eval()
     _checkpoint(out_dir / "checkpoint.pt", model, cfg, opt, numb_steps, sampler, rows, meta, fingerprint)
     if cfg.training.change_bias_after_training:  # after the checkpoint: resuming from it refits once, as here
+        # on the model as saved, freshly built: the trained module gave wrong energies here
+        # (2-element default model; a stale inference state, not yet isolated — see docs/science.md)
+        model, _ = model_from_dict(model_to_dict(model, cfg.model, meta), str(out_dir / "checkpoint.pt"))
+        model.eval()
         shift = refit_energy_bias(model, systems, cfg.model.fitting_net.rcond)
         log(f"change_bias_after_training: energy bias shifted by {np.array2string(shift * 1e3, precision=3)} meV per atom of {type_map}")
     path = save_model(model, cfg.model, out_dir / "model.pt", meta)
