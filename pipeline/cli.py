@@ -67,7 +67,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg = replace(cfg, training=t)
     if args.start_lr is not None:
         cfg = replace(cfg, learning_rate=replace(cfg.learning_rate, start_lr=args.start_lr))
-    train(cfg, args.output, init_model=args.init_model, restart=args.restart, threads=args.threads, timing=args.timing, resume=args.resume)
+    train(cfg, args.output, init_model=args.init_model, restart=args.restart, threads=args.threads, timing=args.timing, resume=args.resume, refit_bias=args.refit_bias)
 
 
 def _cmd_freeze(args: argparse.Namespace) -> None:
@@ -282,7 +282,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .runtime import configure_torch
 
     configure_torch(args.threads)
-    r = evaluate_ensemble([load_model(m) for m in args.models], args.systems or [], args.output, plot=args.plot)
+    models = [load_model(m) for m in args.models]
+    r = evaluate_ensemble(models, args.systems or [], args.output, plot=args.plot)
+    if args.calibration:
+        from .calibration import calibration
+
+        c = calibration(models, args.labelled or [], args.calibration)
+        print(f"calibration on {c['nframes']} labelled frames: Spearman(max_devi_f, true max force error) = {c['spearman_devi_vs_true_max_f']}")
     if r["ensemble_mean"]:
         o = r["ensemble_mean"]
         print(f"{r['nframes']} frames: ensemble mean energy RMSE {o['energy_rmse_per_atom'] * 1000:.2f} meV/atom, force RMSE {o['force_rmse'] * 1000:.1f} meV/Å; mean max_devi_f {r['max_devi_f']['mean']:.3f} eV/Å")
@@ -368,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--start-lr", type=float, help="override learning_rate.start_lr (warm starts)")
     t.add_argument("-o", "--output", default=".", help="output directory (model.pt, checkpoint.pt, lcurve.csv, input.json)")
     t.add_argument("--init-model", help="warm start: initialise weights and statistics from this model file")
+    t.add_argument("--refit-bias", action="store_true", help="with --init-model: first refit the energy bias to this training data (least squares on the model's energy residuals; DeePMD-kit keeps it)")
     t.add_argument("--restart", help="resume from a checkpoint.pt written by an earlier run")
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt if it was written for the same input (a killed job)")
     t.add_argument("--threads", type=int, help="torch threads (default: training.threads, $DPELT_THREADS or all)")
@@ -485,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-s", "--systems", nargs="*", default=[], help="labelled frames (none: an empty evaluation)")
     ev.add_argument("-o", "--output", required=True, help="metrics JSON")
     ev.add_argument("--plot", help="parity plot of the ensemble mean (PNG)")
+    ev.add_argument("--labelled", help="the frames this ensemble's exploration had labelled (iter/NNN/label/frames.nc): deviation vs true error")
+    ev.add_argument("--calibration", help="write that comparison (pipeline.calibration) as JSON here")
     ev.add_argument("--threads", type=int, default=1)
     ev.set_defaults(func=_cmd_evaluate)
 

@@ -203,6 +203,8 @@ def warm_start_args(wc):
         args += f" --steps {t['warm_start_steps']}"
     if t["warm_start_start_lr"] is not None:
         args += f" --start-lr {t['warm_start_start_lr']}"
+    if t["warm_start_refit_bias"]:
+        args += " --refit-bias"
     return args
 
 
@@ -262,7 +264,7 @@ def report_inputs(wc):
     out = []
     for i, _ in its:
         d = iter_dir(i)
-        out += [f"{d}/select/report.json", f"{d}/label/summary.json", f"{d}/eval/metrics.json", f"{d}/eval/parity.png"]
+        out += [f"{d}/select/report.json", f"{d}/label/summary.json", f"{d}/eval/metrics.json", f"{d}/eval/parity.png", f"{d}/eval/calibration.json"]
         out += [f"{d}/train/{k}/lcurve.csv" for k in range(NUMB_MODELS)]
     return out
 
