@@ -74,7 +74,7 @@ def _cmd_test(args: argparse.Namespace) -> None:
     from .runtime import configure_torch
 
     configure_torch(args.threads)
-    result = test_model(load_model(args.model), args.systems, out_json=args.output, plot=args.plot)
+    result = test_model(load_model(args.model), args.systems, out_json=args.output, plot=args.plot, compress=not args.no_compress)
     for s in result["systems"] + [{"system": "overall"} | result["overall"]]:
         line = (
             f"{s['system']}: {s['nframes']} frames  energy RMSE {s['energy_rmse_per_atom'] * 1000:.3f} meV/atom "
@@ -146,10 +146,10 @@ def _cmd_explore(args: argparse.Namespace) -> None:
         task = MDTask(
             name=name, temperature_K=args.temp, nsteps=args.nsteps, trj_freq=args.trj_freq,
             ensemble=args.ensemble, pressure_bar=args.press, dt_fs=args.dt, tau_t_fs=args.tau_t, tau_p_fs=args.tau_p,
-            seed=args.seed, iteration=args.iteration, drive=args.drive, bias=bias, guards=guards,
+            seed=args.seed, iteration=args.iteration, drive=args.drive, bias=bias, guards=guards, compress=not args.no_compress,
         )
     atoms = _load_frame(args.start, args.frame, args.system, args.seed)
-    calc = EnsembleCalculator(args.models, drive=task.drive, bias=task.bias, threads=args.threads)
+    calc = EnsembleCalculator(args.models, drive=task.drive, bias=task.bias, threads=args.threads, compress=task.compress)
     summary = run_md(task, atoms, calc, args.output, source=f"{args.start}:{args.system or args.frame}")
     print(f"{task.name}: {summary['status']}{' (' + summary['reason'] + ')' if summary['reason'] else ''}, {summary['frames']} frames, {summary['steps_done']} steps")
 
@@ -312,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="write the metrics as JSON here")
     s.add_argument("--plot", help="write a parity plot (PNG) here")
     s.add_argument("--threads", type=int)
+    s.add_argument("--no-compress", action="store_true", help="evaluate the embedding nets themselves, not their tables (docs/compression.md)")
     s.set_defaults(func=_cmd_test)
 
     c = sub.add_parser("convert", help="convert frames between netcdf (.nc), deepmd/npy, extxyz and ASE formats")
@@ -341,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=int, required=True)
     x.add_argument("--iteration", type=int, default=-1)
     x.add_argument("--drive", default="first", choices=["first", "mean"])
+    x.add_argument("--no-compress", action="store_true", help="evaluate the embedding nets, not their tables (without --spec; with it, the spec's compress)")
     x.add_argument("--bias", default="none", choices=["none", "confidence", "udd"])
     x.add_argument("--bias-strength", type=float, default=0.5, help="confidence: α in [0,1); udd: well depth A, eV")
     x.add_argument("--bias-width", type=float, default=0.1, help="udd: width B, eV/Å")

@@ -124,8 +124,15 @@ def message_plot(path: str | os.PathLike, text: str) -> None:
     plt.close(fig)
 
 
-def test_model(model: DeepPot, systems: Sequence[str | os.PathLike], out_json: str | os.PathLike | None = None, plot: str | os.PathLike | None = None) -> dict:
-    """Errors of ``model`` on every labelled system under ``systems``; optionally JSON + parity PNG."""
+def test_model(model: DeepPot, systems: Sequence[str | os.PathLike], out_json: str | os.PathLike | None = None, plot: str | os.PathLike | None = None, compress: bool = True) -> dict:
+    """Errors of ``model`` on every labelled system under ``systems``; optionally JSON + parity PNG.
+
+    ``compress`` evaluates through the tabulated embedding nets (:meth:`DeepPot.compress`, on a
+    copy; the default, as for MD); False through the nets. The result records which.
+    """
+    from .calculator import prepared_model
+
+    model = prepared_model(model, compress)
     per_system, total = [], {}
     e_ref, e_pred, f_ref, f_pred = [], [], [], []
     for path in systems:
@@ -141,7 +148,7 @@ def test_model(model: DeepPot, systems: Sequence[str | os.PathLike], out_json: s
             e_pred.append(pred["energy"] / n)
             f_ref.append(ds["force"].values.ravel())
             f_pred.append(pred["force"].ravel())
-    result = {"systems": per_system, "overall": _metrics(total)}
+    result = {"systems": per_system, "overall": _metrics(total), "compressed": model.compressed}
     if out_json:
         write_json_atomic(out_json, result)
     if plot:

@@ -51,6 +51,7 @@ class MDTask:
     seed: int = 0
     iteration: int = -1
     drive: str = "first"
+    compress: bool = True  # MD on the tabulated embedding nets (pipeline.model.compress)
     bias: BiasConfig = field(default_factory=BiasConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)
 
@@ -117,6 +118,7 @@ def run_md(task: MDTask, atoms: ase.Atoms, calc, out_dir: str | os.PathLike, sou
     calc.deviation_due = True
     kept: dict[str, list] = {k: [] for k in ("coord", "cell", "md_step", "bias_energy", "potential_energy", "kinetic_temperature_K") + DEVIATION_KEYS}
     log = [f"# task {task.name}: {task.ensemble} T={task.temperature_K} K P={task.pressure_bar} bar, {task.nsteps} steps of {task.dt_fs} fs, trj_freq {task.trj_freq}, seed {task.seed}, bias {task.bias.kind}"]
+    log.append(f"# embedding nets: {'tabulated (compressed)' if getattr(calc, 'compressed', False) else 'evaluated as nets'}")
     log.append(f"# {'step':>8s} {'T_K':>9s} {'E_pot_eV':>14s} {'max_devi_f':>11s} {'devi_e':>11s} {'bias_eV':>10s}")
     status, reason, high_streak, step = "completed", "", 0, 0
     for _ in dyn.irun(steps=task.nsteps):

@@ -27,7 +27,6 @@ same energy, forces to rounding. Without ``partner`` (TorchScript's ``forward``)
 is evaluated.
 """
 
-from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
@@ -203,6 +202,8 @@ class DescriptorSeA(nn.Module):
         self.group_rows = 128  # rows one more group must save to be worth its fixed cost
         self.register_buffer("davg", torch.zeros(ntypes, self.nnei, 4, dtype=dtype))
         self.register_buffer("dstd", torch.ones(ntypes, self.nnei, 4, dtype=dtype))
+        # None: the nets evaluate; a list of compress.EmbeddingTable: set by DeepPot.compress()
+        self.embedding_tables = None
 
     @property
     def dim_out(self) -> int:
@@ -469,16 +470,22 @@ class DescriptorSeA(nn.Module):
                     if len(m_secs) > 0:
                         rep = self._representatives(m_secs[tj], rows, sum(counts), sum(counts[:tj]))
                     gs: List[torch.Tensor] = []
+                    tabulated = not torch.jit.is_scripting() and self._tabulated()
                     if rep is not None:
                         x_u, take = self._shared_rows(s_secs[tj], rep, order, groups)
-                        if torch.jit.is_scripting() or x_u.shape[0] == 0:
+                        if tabulated and x_u.shape[0] > 0:
+                            gs = self._table_rows_of(k, x_u, take)
+                        elif torch.jit.is_scripting() or x_u.shape[0] == 0:
                             g_u = net(x_u) if x_u.shape[0] > 0 else x_u.expand(0, self.m1)  # [R_u, M1]
                             gs = gather_rows(g_u, take)  # [n_g * w_g, M1] per group
                         else:
                             gs = net.rows_of(x_u, take)  # fused at inference: no [R_u, M1] gradient buffer
                     else:
                         for x in self._group_inputs(s_secs[tj], order, groups):  # one net call per group: no split of one big output (its backward copies it)
-                            gs.append(net(x) if x.shape[0] > 0 else x)  # [n_g * w_g, M1]
+                            if x.shape[0] == 0:
+                                gs.append(x)
+                            else:
+                                gs.append(self._table_rows(k, x) if tabulated else net(x))  # [n_g * w_g, M1]
                     term = self._group_sums(gs, r_secs[tj], order, groups, centre, pad[k], self.sel[tj])
                 else:
                     term = pad[k].index_select(0, centre * (self.sel[tj] + 1))
@@ -486,6 +493,25 @@ class DescriptorSeA(nn.Module):
         if out is None:  # no net serves these atoms (cannot happen for a complete model)
             return torch.zeros(rr.shape[0], 4, self.m1, dtype=rr.dtype, device=rr.device)
         return out
+
+    @torch.jit.unused
+    def _tabulated(self) -> bool:
+        """Whether the embedding nets are replaced by their tables (:mod:`.compress`)."""
+        if self.embedding_tables is None:
+            return False
+        if self.training:
+            raise RuntimeError("a compressed model does not train: call decompress() (or load the model again) first")
+        return True
+
+    @torch.jit.unused
+    def _table_rows_of(self, k: int, x: torch.Tensor, rows: List[torch.Tensor]) -> List[torch.Tensor]:
+        """[table k (x)[r] for r in rows], x [R, 1] (pair sharing)."""
+        return self.embedding_tables[k].rows_of(x, rows)
+
+    @torch.jit.unused
+    def _table_rows(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Embedding net k on x [R, 1] by its table -> [R, M1]."""
+        return self.embedding_tables[k](x)
 
     def forward(self, rij: torch.Tensor, atype: torch.Tensor, counts: Optional[List[int]] = None, partner: Optional[torch.Tensor] = None) -> torch.Tensor:
         """rij [nf, nloc, nnei, 3] (Å), atype [nloc] -> descriptor [nf, nloc, M1*M2].

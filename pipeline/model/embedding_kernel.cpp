@@ -1,5 +1,7 @@
 // Fused evaluation of an se_e2_a embedding net and of its derivative with respect to its
-// scalar input, for inference (frozen weights). Compiled on first use by
+// scalar input (inference, and the forward of a training step; embedding_net_backward gives
+// the weights' gradients), and of a tabulated embedding net (tabulated_embedding, the
+// compressed inference of pipeline/model/compress.py). Compiled on first use by
 // pipeline/model/embedding_kernel.py; the math is that of pipeline/model/network.py.
 //
 // A layer maps x [rows, n_in] to  out = shortcut(x) + a ⊙ tanh(z),  z = x W + b,
@@ -648,14 +650,58 @@ std::vector<at::Tensor> embedding_net_backward(const at::Tensor& s, at::TensorLi
 
 }  // namespace
 
+// A tabulated embedding net (pipeline/model/compress.py): on interval k = floor((x − x0)/h)
+// of a uniform grid, G(x) = Σ_p c[k, p, :] t^p with t = (x − x0)/h − k, p = 0 … 5.
+// x [R] float64 (every row inside the table: the caller sends the others to the net),
+// coeffs [n, 6, M1]. Returns (G [R, M1], dG/dx [R, M1] or an empty tensor).
+std::vector<at::Tensor> tabulated_embedding(const at::Tensor& x, const at::Tensor& coeffs, double x0, double h,
+                                            bool tangent) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kDouble && x.is_contiguous(), "tabulated_embedding: x [R] float64");
+  TORCH_CHECK(coeffs.dim() == 3 && coeffs.size(1) == 6 && coeffs.scalar_type() == at::kDouble && coeffs.is_contiguous(),
+              "tabulated_embedding: coeffs [n, 6, M1] float64");
+  const int64_t R = x.size(0);
+  const int64_t n = coeffs.size(0);
+  const int64_t M = coeffs.size(2);
+  at::Tensor G = at::empty({R, M}, x.options());
+  at::Tensor Gp = tangent ? at::empty({R, M}, x.options()) : at::empty({0}, x.options());
+  if (R == 0) return {G, Gp};
+  const double* xp = x.data_ptr<double>();
+  const double* cp = coeffs.data_ptr<double>();
+  double* g = G.data_ptr<double>();
+  double* gp = tangent ? Gp.data_ptr<double>() : nullptr;
+  const double inv_h = 1.0 / h;
+  at::parallel_for(0, R, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const double u = (xp[r] - x0) * inv_h;
+      int64_t k = static_cast<int64_t>(u);  // u >= 0 inside the table
+      k = k < 0 ? 0 : (k >= n ? n - 1 : k);
+      const double t = u - static_cast<double>(k);
+      const double* c = cp + k * 6 * M;
+      double* out = g + r * M;
+      for (int64_t m = 0; m < M; ++m) {
+        out[m] = c[m] + t * (c[M + m] + t * (c[2 * M + m] + t * (c[3 * M + m] + t * (c[4 * M + m] + t * c[5 * M + m]))));
+      }
+      if (tangent) {
+        double* d = gp + r * M;
+        for (int64_t m = 0; m < M; ++m) {
+          d[m] = inv_h * (c[M + m] + t * (2.0 * c[2 * M + m] + t * (3.0 * c[3 * M + m] + t * (4.0 * c[4 * M + m] + t * 5.0 * c[5 * M + m]))));
+        }
+      }
+    }
+  });
+  return {G, Gp};
+}
+
 TORCH_LIBRARY(dpelt, m) {
   m.def("embedding_net(Tensor s, Tensor[] weights, Tensor[] biases, Tensor[] timesteps, int[] shortcuts, bool tangent, int block) -> Tensor[]");
   m.def("gathered_row_dot(Tensor grad, Tensor tangents, Tensor rows) -> Tensor");
   m.def("embedding_net_backward(Tensor s, Tensor[] weights, Tensor[] biases, Tensor[] timesteps, int[] shortcuts, Tensor gG, Tensor gGp, int block) -> Tensor[]");
+  m.def("tabulated_embedding(Tensor x, Tensor coeffs, float x0, float h, bool tangent) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(dpelt, CPU, m) {
   m.impl("embedding_net", &embedding_net);
   m.impl("gathered_row_dot", &gathered_row_dot);
   m.impl("embedding_net_backward", &embedding_net_backward);
+  m.impl("tabulated_embedding", &tabulated_embedding);
 }

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .compress import StackedTable
 from .deeppot import DeepPot
 from .descriptor import net_types, normalized_rows
 from .network import MLP, tanh_residual
@@ -61,7 +62,12 @@ class StackedDeepPot:
         self.dtype = desc.davg.dtype
         self.davg = torch.stack([m.descriptor.davg for m in models])  # [M, ntypes, nnei, 4]
         self.dstd = torch.stack([m.descriptor.dstd for m in models])  # [M, ntypes, nnei, 4]
-        self.embeddings = [StackedMLP([m.descriptor.embeddings[k] for m in models]) for k in range(len(desc.embeddings))]
+        if all(m.compressed for m in models):  # the members' tables (pipeline.model.compress)
+            self.embeddings = [StackedTable([m.descriptor.embedding_tables[k] for m in models]) for k in range(len(desc.embeddings))]
+        elif any(m.compressed for m in models):
+            raise ValueError("stacking compressed with uncompressed models: compress all members or none")
+        else:
+            self.embeddings = [StackedMLP([m.descriptor.embeddings[k] for m in models]) for k in range(len(desc.embeddings))]
         self.fittings = [StackedMLP([m.fitting.nets[t] for m in models]) for t in range(self.ntypes)]
         self.bias_atom_e = torch.stack([m.fitting.bias_atom_e for m in models])  # [M, ntypes]
         self._pad_cache: dict = {}
