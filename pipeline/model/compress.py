@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -84,42 +84,48 @@ def hermite_coefficients(f: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, h:
 
 
 class _TabulatedRows(torch.autograd.Function):
-    """(x [R] inside the table, table, rows_1 [N_1], …) -> (G[rows_1], …), G [R, M1] by the C++ op.
-
-    No rows: G itself. The backward is (dE/dG · dG/dx).sum(-1) per use of a row, scattered into
-    R scalars (no [R, M1] gradient buffer), as for the fused nets (:mod:`.embedding_kernel`).
-    """
+    """x [R] (every row inside the table) -> G [R, M1] by the C++ op; backward (dE/dG · dG/dx).sum(-1)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, table: "EmbeddingTable", *rows: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, table: "EmbeddingTable"):
         g, gp = torch.ops.dpelt.tabulated_embedding(x.contiguous(), table.coeffs, table.x0, table.h, bool(ctx.needs_input_grad[0]))
         ctx.table = table
-        ctx.save_for_backward(x, gp, *rows)
-        if not rows:
-            return g
-        return tuple(g.index_select(0, r) for r in rows)
+        ctx.save_for_backward(x, gp)
+        return g
 
     @staticmethod
-    def backward(ctx, *grads: Optional[torch.Tensor]):
-        x, gp, *rows = ctx.saved_tensors
-        none = (None,) * (1 + len(rows))
+    def backward(ctx, grad: torch.Tensor):
+        x, gp = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the same polynomial in torch ops, differentiable again
             with torch.enable_grad():  # through the saved x, so the result stays connected to the graph
-                g = ctx.table.polynomial(x)
-                outs = [g.index_select(0, r) for r, gr in zip(rows, grads) if gr is not None] if rows else [g]
-                used = [gr for gr in grads if gr is not None]
-                (gx,) = torch.autograd.grad(outs, x, used, create_graph=True)
-            return (gx,) + none
-        if not rows:
-            return (torch.ops.dpelt.gathered_row_dot(grads[0].contiguous(), gp, _NO_ROWS),) + none
-        gx = torch.zeros_like(x)  # [R]
-        for r, gr in zip(rows, grads):
-            if gr is not None and r.numel() > 0:
-                gx.index_add_(0, r, torch.ops.dpelt.gathered_row_dot(gr.contiguous(), gp, r))
-        return (gx,) + none
+                (gx,) = torch.autograd.grad(ctx.table.polynomial(x), x, grad, create_graph=True)
+            return gx, None
+        return torch.ops.dpelt.gathered_row_dot(grad.contiguous(), gp, _NO_ROWS), None
 
 
 _NO_ROWS = torch.empty(0, dtype=torch.long)
+
+
+class _TabulatedContraction(torch.autograd.Function):
+    """(x [n, c] inside the table, rr [n, c, 4], table) -> T = Σ_j rr_jᵀ G(x_j) [n, 4, M1] by the
+    C++ op ``tabulated_contraction``: G is evaluated row by row in cache, never stored."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rr: torch.Tensor, table: "EmbeddingTable"):
+        ctx.table = table
+        ctx.save_for_backward(x, rr)
+        return torch.ops.dpelt.tabulated_contraction(x, rr, table.coeffs, table.x0, table.h)
+
+    @staticmethod
+    def backward(ctx, dT: torch.Tensor):
+        x, rr = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the reference contraction in torch ops
+            with torch.enable_grad():
+                t = torch.matmul(rr.transpose(1, 2), ctx.table.polynomial(x.reshape(-1)).reshape(x.shape + (-1,)))
+                dx, drr = torch.autograd.grad(t, (x, rr), dT, create_graph=True, allow_unused=True)
+            return dx, drr, None
+        dx, drr = torch.ops.dpelt.tabulated_contraction_backward(x, rr, ctx.table.coeffs, ctx.table.x0, ctx.table.h, dT)
+        return dx, drr, None
 
 
 class EmbeddingTable:
@@ -160,14 +166,13 @@ class EmbeddingTable:
         """x [R] -> rows the table covers (NaN is outside, so it reaches the net and the energy)."""
         return (x >= self.x0) & (x <= self.x1)
 
-    def rows_of(self, x: torch.Tensor, rows: List[torch.Tensor]) -> List[torch.Tensor]:
-        """[G(x)[r] for r in rows] for x [R, 1]: one table pass, one accumulating backward."""
-        xf = x.reshape(-1).to(torch.float64)
-        if self.use_kernel and xf.dtype == x.dtype and bool(self._inside(xf).all()):
-            return list(_TabulatedRows.apply(xf, self, *rows))
-        from .descriptor import gather_rows
-
-        return gather_rows(self(x), rows)
+    def contract(self, x: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+        """Σ_j rr_jᵀ G(x_j): x [n, c, 1], rr [n, c, 4] -> [n, 4, M1]; in one C++ pass when every
+        row is inside the table, else G by rows (the extrapolation rule) and a matmul."""
+        xf = x.reshape(x.shape[0], x.shape[1])
+        if self.use_kernel and x.dtype == torch.float64 and rr.dtype == torch.float64 and bool(self._inside(xf).all()):
+            return _TabulatedContraction.apply(xf.contiguous(), rr.contiguous(), self)
+        return torch.matmul(rr.transpose(1, 2), self(x))
 
     def __call__(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
         """x [..., 1] -> G [..., M1]; ``reference`` evaluates the table in torch ops (:meth:`polynomial`)."""
@@ -224,6 +229,10 @@ class StackedTable:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([t(x[m]) for m, t in enumerate(self.tables)])
+
+    def contract(self, x: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+        """x [M, n, c, 1], rr [M, n, c, 4] -> Σ_j rr_jᵀ G_m(x_j) [M, n, 4, M1]."""
+        return torch.stack([t.contract(x[m], rr[m]) for m, t in enumerate(self.tables)])
 
 
 def describe(tables: Sequence[EmbeddingTable]) -> str:

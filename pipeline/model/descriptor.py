@@ -462,7 +462,10 @@ class DescriptorSeA(nn.Module):
             tj, serves = net_types(k, self.ntypes, self.type_one_side)
             if serves < 0 or serves == centre_type:
                 c = counts[tj]
-                if c > 0:
+                tabulated = not torch.jit.is_scripting() and self._tabulated()
+                if c > 0 and tabulated:  # every kept slot through the table, in one fused pass
+                    term = self._table_sums(k, s_secs[tj], r_secs[tj]) + pad[k].index_select(0, centre * (self.sel[tj] + 1) + c)
+                elif c > 0:
                     slot = torch.arange(1, c + 1, device=rr.device)  # [c]
                     width = (in_secs[tj].long() * slot).amax(dim=1)  # [n]
                     order, groups = self._width_plan(width)
@@ -470,22 +473,16 @@ class DescriptorSeA(nn.Module):
                     if len(m_secs) > 0:
                         rep = self._representatives(m_secs[tj], rows, sum(counts), sum(counts[:tj]))
                     gs: List[torch.Tensor] = []
-                    tabulated = not torch.jit.is_scripting() and self._tabulated()
                     if rep is not None:
                         x_u, take = self._shared_rows(s_secs[tj], rep, order, groups)
-                        if tabulated and x_u.shape[0] > 0:
-                            gs = self._table_rows_of(k, x_u, take)
-                        elif torch.jit.is_scripting() or x_u.shape[0] == 0:
+                        if torch.jit.is_scripting() or x_u.shape[0] == 0:
                             g_u = net(x_u) if x_u.shape[0] > 0 else x_u.expand(0, self.m1)  # [R_u, M1]
                             gs = gather_rows(g_u, take)  # [n_g * w_g, M1] per group
                         else:
                             gs = net.rows_of(x_u, take)  # fused at inference: no [R_u, M1] gradient buffer
                     else:
                         for x in self._group_inputs(s_secs[tj], order, groups):  # one net call per group: no split of one big output (its backward copies it)
-                            if x.shape[0] == 0:
-                                gs.append(x)
-                            else:
-                                gs.append(self._table_rows(k, x) if tabulated else net(x))  # [n_g * w_g, M1]
+                            gs.append(net(x) if x.shape[0] > 0 else x)  # [n_g * w_g, M1]
                     term = self._group_sums(gs, r_secs[tj], order, groups, centre, pad[k], self.sel[tj])
                 else:
                     term = pad[k].index_select(0, centre * (self.sel[tj] + 1))
@@ -504,14 +501,9 @@ class DescriptorSeA(nn.Module):
         return True
 
     @torch.jit.unused
-    def _table_rows_of(self, k: int, x: torch.Tensor, rows: List[torch.Tensor]) -> List[torch.Tensor]:
-        """[table k (x)[r] for r in rows], x [R, 1] (pair sharing)."""
-        return self.embedding_tables[k].rows_of(x, rows)
-
-    @torch.jit.unused
-    def _table_rows(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """Embedding net k on x [R, 1] by its table -> [R, M1]."""
-        return self.embedding_tables[k](x)
+    def _table_sums(self, k: int, s_n: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+        """Σ_j R̃_jᵀ G_k(s_j) by embedding net k's table: s_n [n, c, 1], rr [n, c, 4] -> [n, 4, M1]."""
+        return self.embedding_tables[k].contract(s_n, rr)
 
     def forward(self, rij: torch.Tensor, atype: torch.Tensor, counts: Optional[List[int]] = None, partner: Optional[torch.Tensor] = None) -> torch.Tensor:
         """rij [nf, nloc, nnei, 3] (Å), atype [nloc] -> descriptor [nf, nloc, M1*M2].
@@ -529,7 +521,7 @@ class DescriptorSeA(nn.Module):
         index = torch.cat(keep)  # [n_keep]
         r = torch.linalg.vector_norm(rij.detach(), dim=-1)  # [nf, nloc, nnei]
         mate: Optional[torch.Tensor] = None
-        if partner is not None:
+        if partner is not None and (torch.jit.is_scripting() or not self._tabulated()):  # tables evaluate every slot
             mate = self._mates(partner, atype, counts, index, r)  # [nf, nloc, n_keep] or None
         if sum(counts) != self.nnei:
             rij = rij.index_select(2, index)  # [nf, nloc, n_keep, 3]

@@ -692,11 +692,112 @@ std::vector<at::Tensor> tabulated_embedding(const at::Tensor& x, const at::Tenso
   return {G, Gp};
 }
 
+// The row G(x) [M] and, when gp is not null, dG/dx [M] of a tabulated net (coeffs [n, 6, M]).
+inline void table_row(const double* cp, int64_t n, int64_t M, double x0, double inv_h, double x, double* g, double* gp) {
+  const double u = (x - x0) * inv_h;
+  int64_t k = static_cast<int64_t>(u);
+  k = k < 0 ? 0 : (k >= n ? n - 1 : k);
+  const double t = u - static_cast<double>(k);
+  const double* c = cp + k * 6 * M;
+  for (int64_t m = 0; m < M; ++m) {
+    g[m] = c[m] + t * (c[M + m] + t * (c[2 * M + m] + t * (c[3 * M + m] + t * (c[4 * M + m] + t * c[5 * M + m]))));
+  }
+  if (gp != nullptr) {
+    for (int64_t m = 0; m < M; ++m) {
+      gp[m] = inv_h * (c[M + m] + t * (2.0 * c[2 * M + m] + t * (3.0 * c[3 * M + m] + t * (4.0 * c[4 * M + m] + t * 5.0 * c[5 * M + m]))));
+    }
+  }
+}
+
+void check_contraction(const at::Tensor& x, const at::Tensor& rr, const at::Tensor& coeffs) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kDouble && x.is_contiguous(), "tabulated_contraction: x [n, c] float64");
+  TORCH_CHECK(rr.dim() == 3 && rr.size(0) == x.size(0) && rr.size(1) == x.size(1) && rr.size(2) == 4 &&
+                  rr.scalar_type() == at::kDouble && rr.is_contiguous(),
+              "tabulated_contraction: rr [n, c, 4] float64");
+  TORCH_CHECK(coeffs.dim() == 3 && coeffs.size(1) == 6 && coeffs.scalar_type() == at::kDouble && coeffs.is_contiguous(),
+              "tabulated_contraction: coeffs [n_int, 6, M1] float64");
+}
+
+// T[i] = Σ_j rr[i, j]ᵀ G(x[i, j]) [4, M1] for x [n, c] (every entry inside the table), rr [n, c, 4]:
+// the descriptor's contraction with the tabulated net, G never written to memory.
+at::Tensor tabulated_contraction(const at::Tensor& x, const at::Tensor& rr, const at::Tensor& coeffs, double x0, double h) {
+  check_contraction(x, rr, coeffs);
+  const int64_t n = x.size(0), c = x.size(1), nint = coeffs.size(0), M = coeffs.size(2);
+  at::Tensor T = at::zeros({n, 4, M}, x.options());
+  const double* xp = x.data_ptr<double>();
+  const double* rp = rr.data_ptr<double>();
+  const double* cp = coeffs.data_ptr<double>();
+  double* tp = T.data_ptr<double>();
+  const double inv_h = 1.0 / h;
+  at::parallel_for(0, n, 8, [&](int64_t lo, int64_t hi) {
+    std::vector<double> g(M);
+    for (int64_t i = lo; i < hi; ++i) {
+      double* ti = tp + i * 4 * M;
+      for (int64_t j = 0; j < c; ++j) {
+        table_row(cp, nint, M, x0, inv_h, xp[i * c + j], g.data(), nullptr);
+        const double* r = rp + (i * c + j) * 4;
+        for (int64_t q = 0; q < 4; ++q) {
+          const double rq = r[q];
+          double* tq = ti + q * M;
+          for (int64_t m = 0; m < M; ++m) tq[m] += rq * g[m];
+        }
+      }
+    }
+  });
+  return T;
+}
+
+// The backward of tabulated_contraction for dT [n, 4, M1]: (dx [n, c], drr [n, c, 4]) with
+// drr[i, j, q] = Σ_m dT[i, q, m] G_m,  dx[i, j] = Σ_q rr[i, j, q] Σ_m dT[i, q, m] G'_m.
+std::vector<at::Tensor> tabulated_contraction_backward(const at::Tensor& x, const at::Tensor& rr, const at::Tensor& coeffs,
+                                                       double x0, double h, const at::Tensor& dT) {
+  check_contraction(x, rr, coeffs);
+  const int64_t n = x.size(0), c = x.size(1), nint = coeffs.size(0), M = coeffs.size(2);
+  TORCH_CHECK(dT.dim() == 3 && dT.size(0) == n && dT.size(1) == 4 && dT.size(2) == M && dT.scalar_type() == at::kDouble,
+              "tabulated_contraction_backward: dT [n, 4, M1] float64");
+  const at::Tensor dTc = dT.contiguous();
+  at::Tensor dx = at::empty({n, c}, x.options());
+  at::Tensor drr = at::empty({n, c, 4}, x.options());
+  const double* xp = x.data_ptr<double>();
+  const double* rp = rr.data_ptr<double>();
+  const double* cp = coeffs.data_ptr<double>();
+  const double* dtp = dTc.data_ptr<double>();
+  double* dxp = dx.data_ptr<double>();
+  double* drp = drr.data_ptr<double>();
+  const double inv_h = 1.0 / h;
+  at::parallel_for(0, n, 8, [&](int64_t lo, int64_t hi) {
+    std::vector<double> g(M), gp(M);
+    for (int64_t i = lo; i < hi; ++i) {
+      const double* di = dtp + i * 4 * M;
+      for (int64_t j = 0; j < c; ++j) {
+        table_row(cp, nint, M, x0, inv_h, xp[i * c + j], g.data(), gp.data());
+        const double* r = rp + (i * c + j) * 4;
+        double* dr = drp + (i * c + j) * 4;
+        double acc_x = 0.0;
+        for (int64_t q = 0; q < 4; ++q) {
+          const double* dq = di + q * M;
+          double a = 0.0, b = 0.0;
+          for (int64_t m = 0; m < M; ++m) {
+            a += dq[m] * g[m];
+            b += dq[m] * gp[m];
+          }
+          dr[q] = a;
+          acc_x += r[q] * b;
+        }
+        dxp[i * c + j] = acc_x;
+      }
+    }
+  });
+  return {dx, drr};
+}
+
 TORCH_LIBRARY(dpelt, m) {
   m.def("embedding_net(Tensor s, Tensor[] weights, Tensor[] biases, Tensor[] timesteps, int[] shortcuts, bool tangent, int block) -> Tensor[]");
   m.def("gathered_row_dot(Tensor grad, Tensor tangents, Tensor rows) -> Tensor");
   m.def("embedding_net_backward(Tensor s, Tensor[] weights, Tensor[] biases, Tensor[] timesteps, int[] shortcuts, Tensor gG, Tensor gGp, int block) -> Tensor[]");
   m.def("tabulated_embedding(Tensor x, Tensor coeffs, float x0, float h, bool tangent) -> Tensor[]");
+  m.def("tabulated_contraction(Tensor x, Tensor rr, Tensor coeffs, float x0, float h) -> Tensor");
+  m.def("tabulated_contraction_backward(Tensor x, Tensor rr, Tensor coeffs, float x0, float h, Tensor dT) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(dpelt, CPU, m) {
@@ -704,4 +805,6 @@ TORCH_LIBRARY_IMPL(dpelt, CPU, m) {
   m.impl("gathered_row_dot", &gathered_row_dot);
   m.impl("embedding_net_backward", &embedding_net_backward);
   m.impl("tabulated_embedding", &tabulated_embedding);
+  m.impl("tabulated_contraction", &tabulated_contraction);
+  m.impl("tabulated_contraction_backward", &tabulated_contraction_backward);
 }

@@ -44,6 +44,10 @@ class StackedMLP:
                 x = torch.baddbmm(bias, x, weight)  # [M, N, n_out]
         return x.reshape(lead + (x.shape[-1],))
 
+    def contract(self, x: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+        """x [M, n, c, 1], rr [M, n, c, 4] -> Σ_j rr_jᵀ G(x_j) [M, n, 4, M1]."""
+        return torch.matmul(rr.transpose(2, 3), self(x))
+
 
 class StackedDeepPot:
     """Atomic energies of M same-shaped models on per-member displacements in one pass."""
@@ -80,8 +84,7 @@ class StackedDeepPot:
         for k, net in enumerate(self.embeddings):
             tj, serves = net_types(k, self.ntypes, self.type_one_side)
             if (serves < 0 or serves == centre_type) and counts[tj] > 0:
-                g_t = net(s_secs[tj])  # [M, n, c_t, M1]
-                out = out + torch.matmul(r_secs[tj].transpose(2, 3), g_t)  # [M, n, 4, M1]
+                out = out + net.contract(s_secs[tj], r_secs[tj])  # [M, n, 4, M1]
         return out
 
     def _padding_sums(self, counts: List[int]) -> torch.Tensor:
