@@ -170,3 +170,31 @@ def test_table_range_covers_empty_slot_and_rmin():
         assert t.x1 >= (2.0 - mean) / std  # s = 1/0.5 Å inside
     with pytest.raises(ValueError, match="rmin"):
         cmp.tabulate_descriptor(d, rmin=d.rcut + 0.1)
+
+
+def test_dpelt_test_compressed_by_default_no_compress_switch(tmp_path):
+    """`dpelt test` evaluates through the tables unless --no-compress; the JSON says which,
+    and both give the same errors within the tolerance."""
+    import json
+
+    from pipeline.cli import main
+    from pipeline.data.frames import make_frames
+    from pipeline.data.netcdf import write_frames
+    from pipeline.model.serialize import save_model
+
+    model = model_for()
+    save_model(model, model.config, tmp_path / "m.pt")
+    frames = [random_system(10, seed=s) for s in range(3)]
+    pos = np.stack([f[0] for f in frames])
+    cell = np.stack([f[1] for f in frames])
+    atype = frames[0][2]
+    rng = np.random.default_rng(0)
+    ds = make_frames(pos, cell, atype, model.type_map, energy=rng.normal(size=3), force=rng.normal(size=pos.shape), virial=rng.normal(size=(3, 3, 3)))
+    write_frames(tmp_path / "d.nc", [ds])
+    results = []
+    for extra in ([], ["--no-compress"]):
+        assert main(["test", "-m", str(tmp_path / "m.pt"), "-s", str(tmp_path / "d.nc"), "-o", str(tmp_path / "t.json"), "--threads", "1"] + extra) == 0
+        results.append(json.loads((tmp_path / "t.json").read_text()))
+    assert results[0]["compressed"] is True and results[1]["compressed"] is False
+    for key in ("energy_rmse_per_atom", "force_rmse", "virial_rmse_per_atom"):
+        assert abs(results[0]["overall"][key] - results[1]["overall"][key]) < 1e-9
