@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from typing import Sequence
@@ -19,7 +18,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from .errors import DpeltError
 from .model.deeppot import DeepPot
 from .model.inputs import frame_inputs
-from .model.serialize import load_model
+from .model.serialize import inference_model
 from .runtime import configure_torch
 
 
@@ -35,22 +34,6 @@ def atom_types(symbols: Sequence[str], type_map: Sequence[str], model: str | Non
 def _path_of(model) -> str | None:
     """The file of a model given as a path (named in errors); None for a loaded model."""
     return os.fspath(model) if isinstance(model, (str, os.PathLike)) else None
-
-
-def prepared_model(model, compress: bool) -> DeepPot:
-    """A model file or loaded DeepPot, ready for inference: eval mode, weights frozen, and
-    tabulated embedding nets when ``compress`` (:meth:`DeepPot.compress`). A loaded model
-    is copied first when it would be changed, so the caller's model keeps training as it was."""
-    if isinstance(model, (str, os.PathLike)):
-        m = load_model(model).requires_grad_(False)
-    else:
-        m = copy.deepcopy(model).requires_grad_(False) if compress and not model.compressed else model
-    m.eval()
-    if compress and not m.compressed:
-        m.compress()
-    elif not compress and m.compressed:
-        raise DpeltError("compress=False was asked for a model already compressed: pass the uncompressed model", key="compress")
-    return m
 
 
 class _ExactStateCheck:
@@ -98,7 +81,7 @@ class DeepPotCalculator(_ExactStateCheck, Calculator):
     def __init__(self, model: str | os.PathLike | DeepPot, threads: int | None = None, on_overflow: str = "warn", compress: bool = True, **kwargs):
         super().__init__(**kwargs)
         configure_torch(threads)
-        self.model = prepared_model(model, compress)
+        self.model = inference_model(model, compress)
         self.compressed = self.model.compressed
         self.model_path = _path_of(model)
         self.type_map = list(self.model.type_map)
@@ -161,7 +144,7 @@ class EnsembleCalculator(_ExactStateCheck, Calculator):
         configure_torch(threads)
         if drive not in ("first", "mean"):
             raise DpeltError(f"drive must be 'first' or 'mean', got {drive!r}", key="drive")
-        loaded = [prepared_model(m, compress) for m in models]
+        loaded = [inference_model(m, compress) for m in models]
         self.ensemble = Ensemble(loaded, [_path_of(m) for m in models])
         self.model_path = _path_of(models[0]) if models else None
         self.type_map = self.ensemble.type_map
