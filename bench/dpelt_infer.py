@@ -36,9 +36,10 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=100)
     ap.add_argument("--md-steps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compress", action=argparse.BooleanOptionalAction, default=False, help="tabulated embedding nets (docs/compression.md); default: the nets")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    calc = DeepPotCalculator(args.model, threads=args.threads)
+    calc = DeepPotCalculator(args.model, threads=args.threads, compress=args.compress)
     load_s = time.perf_counter() - t0
     (ds,) = read_systems(args.system)
     atoms = frames_to_atoms(ds.isel(frame=[0]))[0]

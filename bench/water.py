@@ -47,7 +47,7 @@ REFERENCE = harness.SHARED / "reference" / "deepmd-water-se_e2_a.input.json"
 DEFAULT_VENVS = {"tf": Path("/root/.cache/dpelt/deepmd-tf-venv"), "pt": Path("/root/.cache/dpelt/deepmd-pt-venv")}
 SETUP = {"tf": HERE / "deepmd" / "setup_tf_venv.sh", "pt": HERE / "deepmd" / "setup_venv.sh"}
 #: bench/dpelt_infer.py's arguments selecting the uncompressed (False) or compressed (True) model form
-DPELT_INFER_ARGS = {False: [], True: ["--compress"]}
+DPELT_INFER_ARGS = {False: ["--no-compress"], True: ["--compress"]}
 SPEEDS = ["train_steps_per_s", "infer_atom_evals_per_s", "md_atom_steps_per_s"]
 #: (numerator column, denominator column, figures): what "dpelt / fastest DeePMD-kit" compares
 RATIOS = [("dpelt", "deepmd-tf", ["train_steps_per_s"]),

@@ -18,7 +18,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from .errors import DpeltError
 from .model.deeppot import DeepPot
 from .model.inputs import frame_inputs
-from .model.serialize import load_model
+from .model.serialize import inference_model
 from .runtime import configure_torch
 
 
@@ -72,16 +72,17 @@ class DeepPotCalculator(_ExactStateCheck, Calculator):
     threads : torch intra-op threads (default: $DPELT_THREADS or torch's default).
     on_overflow : "warn" (default) keeps the nearest ``sel`` neighbours, warns once and counts
         the frames in ``self.overflow_frames``; "error" raises.
+    compress : evaluate the embedding nets through their tables (default; equal to the nets
+        within docs/compression.md's tolerance, faster); False evaluates the nets.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
 
-    def __init__(self, model: str | os.PathLike | DeepPot, threads: int | None = None, on_overflow: str = "warn", **kwargs):
+    def __init__(self, model: str | os.PathLike | DeepPot, threads: int | None = None, on_overflow: str = "warn", compress: bool = True, **kwargs):
         super().__init__(**kwargs)
         configure_torch(threads)
-        # a model loaded here is ours: freezing its weights lets inference reuse work that does
-        # not depend on positions (see DescriptorSeA._pad_suffix_sums_cached)
-        self.model = load_model(model).requires_grad_(False) if isinstance(model, (str, os.PathLike)) else model.eval()
+        self.model = inference_model(model, compress)
+        self.compressed = self.model.compressed
         self.model_path = _path_of(model)
         self.type_map = list(self.model.type_map)
         self.on_overflow = on_overflow
@@ -125,6 +126,7 @@ class EnsembleCalculator(_ExactStateCheck, Calculator):
     bias : optional :class:`pipeline.explore.bias.BiasConfig`; with an active bias every step
         evaluates the ensemble (the bias depends on its deviation) and adds the bias energy,
         forces and stress.
+    compress : as for :class:`DeepPotCalculator` (every member tabulated, or none).
 
     After a step with the ensemble evaluated, ``results["deviation"]`` holds DP-GEN's
     deviations (max/min/avg_devi_f eV/Å, devi_e eV/atom, max/min/avg_devi_v eV/atom);
@@ -135,17 +137,18 @@ class EnsembleCalculator(_ExactStateCheck, Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces", "stress"]
 
-    def __init__(self, models, drive: str = "first", bias=None, threads: int | None = None, on_overflow: str = "warn", **kwargs):
+    def __init__(self, models, drive: str = "first", bias=None, threads: int | None = None, on_overflow: str = "warn", compress: bool = True, **kwargs):
         super().__init__(**kwargs)
         from .model.ensemble import Ensemble
 
         configure_torch(threads)
         if drive not in ("first", "mean"):
             raise DpeltError(f"drive must be 'first' or 'mean', got {drive!r}", key="drive")
-        loaded = [load_model(m).requires_grad_(False) if isinstance(m, (str, os.PathLike)) else m.eval() for m in models]
+        loaded = [inference_model(m, compress) for m in models]
         self.ensemble = Ensemble(loaded, [_path_of(m) for m in models])
         self.model_path = _path_of(models[0]) if models else None
         self.type_map = self.ensemble.type_map
+        self.compressed = all(m.compressed for m in loaded)
         self.drive = drive
         self.bias = bias if bias is not None and bias.active else None
         self.bias_ceiling: float | None = None

@@ -83,7 +83,7 @@ def _cmd_test(args: argparse.Namespace) -> None:
     from .runtime import configure_torch
 
     configure_torch(args.threads)
-    result = test_model(load_model(args.model), args.systems, out_json=args.output, plot=args.plot)
+    result = test_model(load_model(args.model), args.systems, out_json=args.output, plot=args.plot, compress=not args.no_compress)
     for s in result["systems"] + [{"system": "overall"} | result["overall"]]:
         line = (
             f"{s['system']}: {s['nframes']} frames  energy RMSE {s['energy_rmse_per_atom'] * 1000:.3f} meV/atom "
@@ -147,7 +147,7 @@ def explore_task_spec(given: dict) -> dict:
 
     ex = resolved_section("explore", {})
     stage, sel = ex["stages"][0], resolved_section("select", {})
-    spec = {k: ex[k] for k in ("dt_fs", "tau_t_fs", "tau_p_fs", "drive", "bias", "guards")}
+    spec = {k: ex[k] for k in ("dt_fs", "tau_t_fs", "tau_p_fs", "drive", "bias", "guards", "compress")}
     spec |= {"ensemble": stage["ensemble"], "trj_freq": stage["trj_freq"], "pressure_bar": None, "trust_lo": sel["trust_lo"], "trust_hi": sel["trust_hi"]}
     for key, value in given.items():
         spec[key] = spec[key] | value if key in ("bias", "guards") and isinstance(value, dict) else value
@@ -184,9 +184,11 @@ def _cmd_explore(args: argparse.Namespace) -> None:
             if getattr(args, option) is not None:
                 section, _, field = key.rpartition(".")
                 (given.setdefault(section, {}) if section else given)[field] = getattr(args, option)
+        if args.no_compress:
+            given["compress"] = False
     task = _task_from_spec(given, name, args.seed, args.iteration)
     atoms = _load_frame(args.start, args.frame, args.system, args.seed)
-    calc = EnsembleCalculator(args.models, drive=task.drive, bias=task.bias, threads=_default(args.threads, "threads.explore"))
+    calc = EnsembleCalculator(args.models, drive=task.drive, bias=task.bias, threads=_default(args.threads, "threads.explore"), compress=task.compress)
     summary = run_md(task, atoms, calc, args.output, source=f"{args.start}:{args.system or args.frame}")
     print(f"{task.name}: {summary['status']}{' (' + summary['reason'] + ')' if summary['reason'] else ''}, {summary['frames']} frames, {summary['steps_done']} steps")
 
@@ -394,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="write the metrics as JSON here")
     s.add_argument("--plot", help="write a parity plot (PNG) here")
     s.add_argument("--threads", type=int)
+    s.add_argument("--no-compress", action="store_true", help="evaluate the embedding nets themselves, not their tables (docs/compression.md)")
     s.set_defaults(func=_cmd_test)
 
     c = sub.add_parser("convert", help="convert frames between netcdf (.nc), deepmd/npy, extxyz and ASE formats")
@@ -424,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=int, required=True)
     x.add_argument("--iteration", type=int, default=-1)
     x.add_argument("--drive", choices=["first", "mean"])
+    x.add_argument("--no-compress", action="store_true", help="evaluate the embedding nets, not their tables (without --spec; with it, the spec's compress)")
     x.add_argument("--bias", choices=["none", "confidence", "udd"])
     x.add_argument("--bias-strength", type=float, help="confidence: α in [0,1); udd: well depth A, eV")
     x.add_argument("--bias-width", type=float, help="udd: width B, eV/Å")

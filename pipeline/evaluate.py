@@ -7,8 +7,6 @@ frame (energy, virial) or each force component equally.
 
 from __future__ import annotations
 
-import contextlib
-
 import os
 from typing import Sequence
 
@@ -22,41 +20,28 @@ from .errors import DataError
 from .fileio import atomic_path, write_json_atomic
 from .model.deeppot import DeepPot
 from .model.inputs import frame_inputs
-
-
-@contextlib.contextmanager
-def frozen_weights(model: torch.nn.Module):
-    """Within: no parameter of ``model`` requires a gradient, and the model is in eval mode;
-    both restored afterwards."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    training = model.training
-    for p in params:
-        p.requires_grad_(False)
-    model.eval()
-    try:
-        yield model
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-        model.train(training)
+from .model.serialize import inference_model
 
 
 def predict(model: DeepPot, ds: xr.Dataset, chunk: int = 8, source: str = "<frames>") -> dict:
-    """Energy [nf] eV, forces [nf, natoms, 3] eV/Å and virial [nf, 3, 3] eV for every frame."""
+    """Energy [nf] eV, forces [nf, natoms, 3] eV/Å and virial [nf, 3, 3] eV for every frame.
+
+    Evaluated on :func:`inference_model` (a frozen copy of a model being trained; a compressed
+    model as it is), so the caller's model is unchanged."""
     if type_map_of(ds) != list(model.type_map):
         raise DataError(f"type_map {type_map_of(ds)} differs from the model's {list(model.type_map)}", path=source, key="type_map")
     pbc = ds["pbc"].values.astype(bool)
     atype = ds["atom_type"].values.astype(np.int64)
     coord, cell = ds["coord"].values, ds["cell"].values
     energy, force, virial = [], [], []
-    with frozen_weights(model):  # no weight gradients wanted: the fused embedding kernel applies
-        for start in range(0, coord.shape[0], chunk):
-            sl = slice(start, start + chunk)
-            rij, nlist, _, partner = frame_inputs(coord[sl], cell[sl], pbc, atype, model.rcut, model.sel, model.type_map, on_overflow="error", where=f"{source} frame")
-            out = model.forward_rij(rij, nlist, torch.from_numpy(atype), True, True, False, partner)
-            energy.append(out["energy"].detach().numpy())
-            force.append(out["force"].detach().numpy())
-            virial.append(out["virial"].detach().numpy())
+    model = inference_model(model, compress=model.compressed)
+    for start in range(0, coord.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        rij, nlist, _, partner = frame_inputs(coord[sl], cell[sl], pbc, atype, model.rcut, model.sel, model.type_map, on_overflow="error", where=f"{source} frame")
+        out = model.forward_rij(rij, nlist, torch.from_numpy(atype), True, True, False, partner)
+        energy.append(out["energy"].detach().numpy())
+        force.append(out["force"].detach().numpy())
+        virial.append(out["virial"].detach().numpy())
     return {"energy": np.concatenate(energy), "force": np.concatenate(force), "virial": np.concatenate(virial)}
 
 
@@ -124,8 +109,13 @@ def message_plot(path: str | os.PathLike, text: str) -> None:
     plt.close(fig)
 
 
-def test_model(model: DeepPot, systems: Sequence[str | os.PathLike], out_json: str | os.PathLike | None = None, plot: str | os.PathLike | None = None) -> dict:
-    """Errors of ``model`` on every labelled system under ``systems``; optionally JSON + parity PNG."""
+def test_model(model: DeepPot, systems: Sequence[str | os.PathLike], out_json: str | os.PathLike | None = None, plot: str | os.PathLike | None = None, compress: bool = True) -> dict:
+    """Errors of ``model`` on every labelled system under ``systems``; optionally JSON + parity PNG.
+
+    ``compress`` evaluates through the tabulated embedding nets (:meth:`DeepPot.compress`, on a
+    copy; the default, as for MD); False through the nets. The result records which.
+    """
+    model = inference_model(model, compress)
     per_system, total = [], {}
     e_ref, e_pred, f_ref, f_pred = [], [], [], []
     for path in systems:
@@ -141,7 +131,7 @@ def test_model(model: DeepPot, systems: Sequence[str | os.PathLike], out_json: s
             e_pred.append(pred["energy"] / n)
             f_ref.append(ds["force"].values.ravel())
             f_pred.append(pred["force"].ravel())
-    result = {"systems": per_system, "overall": _metrics(total)}
+    result = {"systems": per_system, "overall": _metrics(total), "compressed": model.compressed}
     if out_json:
         write_json_atomic(out_json, result)
     if plot:

@@ -155,6 +155,7 @@ def explore_spec(wc):
             "tau_t_fs": ex["tau_t_fs"],
             "tau_p_fs": ex["tau_p_fs"],
             "drive": ex["drive"],
+            "compress": ex["compress"],
             "bias": ex["bias"],
             "guards": ex["guards"],
             "trust_lo": lo,

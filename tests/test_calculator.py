@@ -71,3 +71,21 @@ def test_system_without_atoms():
     assert atoms.get_potential_energy() == 0.0
     assert atoms.get_forces().shape == (0, 3)
     assert np.array_equal(atoms.get_stress(), np.zeros(6))
+
+
+def test_compressed_by_default_and_one_switch_off(tmp_path):
+    """Calculators tabulate the embedding nets unless compress=False; the caller's model is
+    left as it was; a model file gives the same results either way (docs/compression.md)."""
+    from pipeline.calculator import EnsembleCalculator
+
+    model = he_model()
+    on, off = DeepPotCalculator(model, threads=1), DeepPotCalculator(model, threads=1, compress=False)
+    assert on.model.compressed and on.compressed and not off.compressed and not model.compressed
+    atoms = alloy(3)
+    f_on = on.get_forces(atoms.copy())
+    f_off = off.get_forces(atoms.copy())
+    np.testing.assert_allclose(f_on, f_off, rtol=0, atol=1e-8)
+    assert np.abs(f_off).max() > 1e-3
+    ens = EnsembleCalculator([model, he_model()], threads=1)
+    assert ens.compressed and ens.ensemble.stack is not None
+    assert not EnsembleCalculator([model, he_model()], threads=1, compress=False).compressed

@@ -182,7 +182,7 @@ def start_walker(task, atoms: ase.Atoms, type_map: Sequence[str], out_dir: str |
     thermalize_momenta(atoms, temperature_K=task.temperature_K, rng=rng)
     Stationary(atoms)
     atype = atom_types(atoms.get_chemical_symbols(), type_map, model_path)
-    return Walker(task, atoms, atype, make_steps(task, atoms, rng), TaskRecorder(task, atoms), os.fspath(out_dir), source)
+    return Walker(task, atoms, atype, make_steps(task, atoms, rng), TaskRecorder(task, atoms, compressed=task.compress), os.fspath(out_dir), source)
 
 
 def _observe(w: Walker, step: int) -> bool:
@@ -229,16 +229,16 @@ def explore_batch(tasks: Sequence, starts: Sequence[ase.Atoms], models: Sequence
     from the run's explore section). Returns the task summaries.
     """
     from ..errors import ConfigError
-    from ..model.serialize import load_model
+    from ..model.serialize import inference_model
     from ..runtime import configure_torch
 
     if not tasks:
         return []
     configure_torch(threads)
-    if len({t.drive for t in tasks}) > 1 or len({t.bias.active for t in tasks}) > 1:
-        raise ConfigError("the tasks of one batch must share explore.drive and whether explore.bias is on", key="explore.batched")
+    if len({t.drive for t in tasks}) > 1 or len({t.bias.active for t in tasks}) > 1 or len({t.compress for t in tasks}) > 1:
+        raise ConfigError("the tasks of one batch must share explore.drive, explore.compress and whether explore.bias is on", key="explore.batched")
     paths = [os.fspath(m) if isinstance(m, (str, os.PathLike)) else None for m in models]
-    loaded = [load_model(m).requires_grad_(False) if isinstance(m, (str, os.PathLike)) else m.eval() for m in models]
+    loaded = [inference_model(m, tasks[0].compress) for m in models]
     ens = Ensemble(loaded, paths)
     sources = list(sources) if sources is not None else [""] * len(tasks)
     walkers = [start_walker(t, a, ens.type_map, d, s, paths[0]) for t, a, d, s in zip(tasks, starts, out_dirs, sources)]

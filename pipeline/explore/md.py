@@ -46,6 +46,7 @@ class MDTask:
     seed: int = 0
     iteration: int = -1
     drive: str = "first"
+    compress: bool = True  # MD on the tabulated embedding nets (pipeline.model.compress)
     bias: BiasConfig = field(default_factory=BiasConfig)
     guards: GuardConfig = field(default_factory=GuardConfig)
 
@@ -105,7 +106,7 @@ def run_md(task: MDTask, atoms: ase.Atoms, calc, out_dir: str | os.PathLike, sou
     thermalize_momenta(atoms, temperature_K=task.temperature_K, rng=rng)
     Stationary(atoms)
     dyn = make_dynamics(task, atoms, rng)
-    record = TaskRecorder(task, atoms)
+    record = TaskRecorder(task, atoms, compressed=getattr(calc, "compressed", False))
     calc.deviation_due = True
     for _ in dyn.irun(steps=task.nsteps):
         step = dyn.nsteps

@@ -37,7 +37,7 @@ def task_dict(task) -> dict:
 class TaskRecorder:
     """Kept frames, log lines and the outcome of one MD task (units: Å, eV, K)."""
 
-    def __init__(self, task, atoms: ase.Atoms):
+    def __init__(self, task, atoms: ase.Atoms, compressed: bool):
         self.task = task
         self.natoms = len(atoms)
         self.volume0 = atoms.get_volume() if atoms.pbc.all() else None
@@ -47,6 +47,7 @@ class TaskRecorder:
         self.log = [
             f"# task {task.name}: {task.ensemble} T={task.temperature_K} K P={task.pressure_bar} bar, {task.nsteps} steps of {task.dt_fs} fs, "
             f"trj_freq {task.trj_freq}, seed {task.seed}, bias {task.bias.kind}",
+            f"# embedding nets: {'tabulated (compressed)' if compressed else 'evaluated as nets'}",
             f"# {'step':>8s} {'T_K':>9s} {'E_pot_eV':>14s} {'max_devi_f':>11s} {'devi_e':>11s} {'bias_eV':>10s}",
         ]
 

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .compress import TABLE_RMIN, TABLE_STEP, describe, log, tabulate_descriptor
 from .config import ModelConfig
 from .descriptor import DescriptorSeA
 from .fitting import EnergyFitting
@@ -78,6 +79,30 @@ class DeepPot(nn.Module):
             self.descriptor.embeddings.requires_grad_(False)
         if not f.trainable:
             self.fitting.nets.requires_grad_(False)
+
+    @torch.jit.unused
+    def compress(self, step: float = TABLE_STEP, rmin: float = TABLE_RMIN) -> "DeepPot":
+        """Tabulate the embedding nets for inference (:mod:`.compress`) and switch to eval mode;
+        logged. ``step``: grid step of the normalised input; ``rmin`` (Å): closer pairs fall
+        back to the nets. Tables follow the weights and statistics of now: call again after
+        changing them. Returns the model."""
+        self.eval()
+        self.descriptor.embedding_tables = tabulate_descriptor(self.descriptor, step, rmin)
+        log.info("model compressed: %s; pairs closer than %g Å use the nets", describe(self.descriptor.embedding_tables), rmin)
+        return self
+
+    @torch.jit.unused
+    def decompress(self) -> "DeepPot":
+        """Back to evaluating the embedding nets (logged). Returns the model."""
+        if self.descriptor.embedding_tables is not None:
+            log.info("model decompressed: the embedding nets evaluate again")
+        self.descriptor.embedding_tables = None
+        return self
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the embedding nets are tabulated (:meth:`compress`)."""
+        return self.descriptor.embedding_tables is not None
 
     @property
     def model_dtype(self) -> torch.dtype:

@@ -27,7 +27,6 @@ same energy, forces to rounding. Without ``partner`` (TorchScript's ``forward``)
 is evaluated.
 """
 
-from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
@@ -203,6 +202,8 @@ class DescriptorSeA(nn.Module):
         self.group_rows = 128  # rows one more group must save to be worth its fixed cost
         self.register_buffer("davg", torch.zeros(ntypes, self.nnei, 4, dtype=dtype))
         self.register_buffer("dstd", torch.ones(ntypes, self.nnei, 4, dtype=dtype))
+        # None: the nets evaluate; a list of compress.EmbeddingTable: set by DeepPot.compress()
+        self.embedding_tables = None
 
     @property
     def dim_out(self) -> int:
@@ -461,7 +462,10 @@ class DescriptorSeA(nn.Module):
             tj, serves = net_types(k, self.ntypes, self.type_one_side)
             if serves < 0 or serves == centre_type:
                 c = counts[tj]
-                if c > 0:
+                tabulated = not torch.jit.is_scripting() and self._tabulated()
+                if c > 0 and tabulated:  # every kept slot through the table, in one fused pass
+                    term = self._table_sums(k, s_secs[tj], r_secs[tj]) + pad[k].index_select(0, centre * (self.sel[tj] + 1) + c)
+                elif c > 0:
                     slot = torch.arange(1, c + 1, device=rr.device)  # [c]
                     width = (in_secs[tj].long() * slot).amax(dim=1)  # [n]
                     order, groups = self._width_plan(width)
@@ -487,6 +491,20 @@ class DescriptorSeA(nn.Module):
             return torch.zeros(rr.shape[0], 4, self.m1, dtype=rr.dtype, device=rr.device)
         return out
 
+    @torch.jit.unused
+    def _tabulated(self) -> bool:
+        """Whether the embedding nets are replaced by their tables (:mod:`.compress`)."""
+        if self.embedding_tables is None:
+            return False
+        if self.training:
+            raise RuntimeError("a compressed model does not train: call decompress() (or load the model again) first")
+        return True
+
+    @torch.jit.unused
+    def _table_sums(self, k: int, s_n: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+        """Σ_j R̃_jᵀ G_k(s_j) by embedding net k's table: s_n [n, c, 1], rr [n, c, 4] -> [n, 4, M1]."""
+        return self.embedding_tables[k].contract(s_n, rr)
+
     def forward(self, rij: torch.Tensor, atype: torch.Tensor, counts: Optional[List[int]] = None, partner: Optional[torch.Tensor] = None) -> torch.Tensor:
         """rij [nf, nloc, nnei, 3] (Å), atype [nloc] -> descriptor [nf, nloc, M1*M2].
 
@@ -503,7 +521,7 @@ class DescriptorSeA(nn.Module):
         index = torch.cat(keep)  # [n_keep]
         r = torch.linalg.vector_norm(rij.detach(), dim=-1)  # [nf, nloc, nnei]
         mate: Optional[torch.Tensor] = None
-        if partner is not None:
+        if partner is not None and (torch.jit.is_scripting() or not self._tabulated()):  # tables evaluate every slot
             mate = self._mates(partner, atype, counts, index, r)  # [nf, nloc, n_keep] or None
         if sum(counts) != self.nnei:
             rij = rij.index_select(2, index)  # [nf, nloc, n_keep, 3]

@@ -1,5 +1,7 @@
 // Fused evaluation of an se_e2_a embedding net and of its derivative with respect to its
-// scalar input, for inference (frozen weights). Compiled on first use by
+// scalar input (inference, and the forward of a training step; embedding_net_backward gives
+// the weights' gradients), and of a tabulated embedding net (tabulated_embedding, the
+// compressed inference of pipeline/model/compress.py). Compiled on first use by
 // pipeline/model/embedding_kernel.py; the math is that of pipeline/model/network.py.
 //
 // A layer maps x [rows, n_in] to  out = shortcut(x) + a ⊙ tanh(z),  z = x W + b,
@@ -648,14 +650,161 @@ std::vector<at::Tensor> embedding_net_backward(const at::Tensor& s, at::TensorLi
 
 }  // namespace
 
+// A tabulated embedding net (pipeline/model/compress.py): on interval k = floor((x − x0)/h)
+// of a uniform grid, G(x) = Σ_p c[k, p, :] t^p with t = (x − x0)/h − k, p = 0 … 5.
+// x [R] float64 (every row inside the table: the caller sends the others to the net),
+// coeffs [n, 6, M1]. Returns (G [R, M1], dG/dx [R, M1] or an empty tensor).
+std::vector<at::Tensor> tabulated_embedding(const at::Tensor& x, const at::Tensor& coeffs, double x0, double h,
+                                            bool tangent) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == at::kDouble && x.is_contiguous(), "tabulated_embedding: x [R] float64");
+  TORCH_CHECK(coeffs.dim() == 3 && coeffs.size(1) == 6 && coeffs.scalar_type() == at::kDouble && coeffs.is_contiguous(),
+              "tabulated_embedding: coeffs [n, 6, M1] float64");
+  const int64_t R = x.size(0);
+  const int64_t n = coeffs.size(0);
+  const int64_t M = coeffs.size(2);
+  at::Tensor G = at::empty({R, M}, x.options());
+  at::Tensor Gp = tangent ? at::empty({R, M}, x.options()) : at::empty({0}, x.options());
+  if (R == 0) return {G, Gp};
+  const double* xp = x.data_ptr<double>();
+  const double* cp = coeffs.data_ptr<double>();
+  double* g = G.data_ptr<double>();
+  double* gp = tangent ? Gp.data_ptr<double>() : nullptr;
+  const double inv_h = 1.0 / h;
+  at::parallel_for(0, R, 256, [&](int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+      const double u = (xp[r] - x0) * inv_h;
+      int64_t k = static_cast<int64_t>(u);  // u >= 0 inside the table
+      k = k < 0 ? 0 : (k >= n ? n - 1 : k);
+      const double t = u - static_cast<double>(k);
+      const double* c = cp + k * 6 * M;
+      double* out = g + r * M;
+      for (int64_t m = 0; m < M; ++m) {
+        out[m] = c[m] + t * (c[M + m] + t * (c[2 * M + m] + t * (c[3 * M + m] + t * (c[4 * M + m] + t * c[5 * M + m]))));
+      }
+      if (tangent) {
+        double* d = gp + r * M;
+        for (int64_t m = 0; m < M; ++m) {
+          d[m] = inv_h * (c[M + m] + t * (2.0 * c[2 * M + m] + t * (3.0 * c[3 * M + m] + t * (4.0 * c[4 * M + m] + t * 5.0 * c[5 * M + m]))));
+        }
+      }
+    }
+  });
+  return {G, Gp};
+}
+
+// The row G(x) [M] and, when gp is not null, dG/dx [M] of a tabulated net (coeffs [n, 6, M]).
+inline void table_row(const double* cp, int64_t n, int64_t M, double x0, double inv_h, double x, double* g, double* gp) {
+  const double u = (x - x0) * inv_h;
+  int64_t k = static_cast<int64_t>(u);
+  k = k < 0 ? 0 : (k >= n ? n - 1 : k);
+  const double t = u - static_cast<double>(k);
+  const double* c = cp + k * 6 * M;
+  for (int64_t m = 0; m < M; ++m) {
+    g[m] = c[m] + t * (c[M + m] + t * (c[2 * M + m] + t * (c[3 * M + m] + t * (c[4 * M + m] + t * c[5 * M + m]))));
+  }
+  if (gp != nullptr) {
+    for (int64_t m = 0; m < M; ++m) {
+      gp[m] = inv_h * (c[M + m] + t * (2.0 * c[2 * M + m] + t * (3.0 * c[3 * M + m] + t * (4.0 * c[4 * M + m] + t * 5.0 * c[5 * M + m]))));
+    }
+  }
+}
+
+void check_contraction(const at::Tensor& x, const at::Tensor& rr, const at::Tensor& coeffs) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kDouble && x.is_contiguous(), "tabulated_contraction: x [n, c] float64");
+  TORCH_CHECK(rr.dim() == 3 && rr.size(0) == x.size(0) && rr.size(1) == x.size(1) && rr.size(2) == 4 &&
+                  rr.scalar_type() == at::kDouble && rr.is_contiguous(),
+              "tabulated_contraction: rr [n, c, 4] float64");
+  TORCH_CHECK(coeffs.dim() == 3 && coeffs.size(1) == 6 && coeffs.scalar_type() == at::kDouble && coeffs.is_contiguous(),
+              "tabulated_contraction: coeffs [n_int, 6, M1] float64");
+}
+
+// T[i] = Σ_j rr[i, j]ᵀ G(x[i, j]) [4, M1] for x [n, c] (every entry inside the table), rr [n, c, 4]:
+// the descriptor's contraction with the tabulated net, G never written to memory.
+at::Tensor tabulated_contraction(const at::Tensor& x, const at::Tensor& rr, const at::Tensor& coeffs, double x0, double h) {
+  check_contraction(x, rr, coeffs);
+  const int64_t n = x.size(0), c = x.size(1), nint = coeffs.size(0), M = coeffs.size(2);
+  at::Tensor T = at::zeros({n, 4, M}, x.options());
+  const double* xp = x.data_ptr<double>();
+  const double* rp = rr.data_ptr<double>();
+  const double* cp = coeffs.data_ptr<double>();
+  double* tp = T.data_ptr<double>();
+  const double inv_h = 1.0 / h;
+  at::parallel_for(0, n, 8, [&](int64_t lo, int64_t hi) {
+    std::vector<double> g(M);
+    for (int64_t i = lo; i < hi; ++i) {
+      double* ti = tp + i * 4 * M;
+      for (int64_t j = 0; j < c; ++j) {
+        table_row(cp, nint, M, x0, inv_h, xp[i * c + j], g.data(), nullptr);
+        const double* r = rp + (i * c + j) * 4;
+        for (int64_t q = 0; q < 4; ++q) {
+          const double rq = r[q];
+          double* tq = ti + q * M;
+          for (int64_t m = 0; m < M; ++m) tq[m] += rq * g[m];
+        }
+      }
+    }
+  });
+  return T;
+}
+
+// The backward of tabulated_contraction for dT [n, 4, M1]: (dx [n, c], drr [n, c, 4]) with
+// drr[i, j, q] = Σ_m dT[i, q, m] G_m,  dx[i, j] = Σ_q rr[i, j, q] Σ_m dT[i, q, m] G'_m.
+std::vector<at::Tensor> tabulated_contraction_backward(const at::Tensor& x, const at::Tensor& rr, const at::Tensor& coeffs,
+                                                       double x0, double h, const at::Tensor& dT) {
+  check_contraction(x, rr, coeffs);
+  const int64_t n = x.size(0), c = x.size(1), nint = coeffs.size(0), M = coeffs.size(2);
+  TORCH_CHECK(dT.dim() == 3 && dT.size(0) == n && dT.size(1) == 4 && dT.size(2) == M && dT.scalar_type() == at::kDouble,
+              "tabulated_contraction_backward: dT [n, 4, M1] float64");
+  const at::Tensor dTc = dT.contiguous();
+  at::Tensor dx = at::empty({n, c}, x.options());
+  at::Tensor drr = at::empty({n, c, 4}, x.options());
+  const double* xp = x.data_ptr<double>();
+  const double* rp = rr.data_ptr<double>();
+  const double* cp = coeffs.data_ptr<double>();
+  const double* dtp = dTc.data_ptr<double>();
+  double* dxp = dx.data_ptr<double>();
+  double* drp = drr.data_ptr<double>();
+  const double inv_h = 1.0 / h;
+  at::parallel_for(0, n, 8, [&](int64_t lo, int64_t hi) {
+    std::vector<double> g(M), gp(M);
+    for (int64_t i = lo; i < hi; ++i) {
+      const double* di = dtp + i * 4 * M;
+      for (int64_t j = 0; j < c; ++j) {
+        table_row(cp, nint, M, x0, inv_h, xp[i * c + j], g.data(), gp.data());
+        const double* r = rp + (i * c + j) * 4;
+        double* dr = drp + (i * c + j) * 4;
+        double acc_x = 0.0;
+        for (int64_t q = 0; q < 4; ++q) {
+          const double* dq = di + q * M;
+          double a = 0.0, b = 0.0;
+          for (int64_t m = 0; m < M; ++m) {
+            a += dq[m] * g[m];
+            b += dq[m] * gp[m];
+          }
+          dr[q] = a;
+          acc_x += r[q] * b;
+        }
+        dxp[i * c + j] = acc_x;
+      }
+    }
+  });
+  return {dx, drr};
+}
+
 TORCH_LIBRARY(dpelt, m) {
   m.def("embedding_net(Tensor s, Tensor[] weights, Tensor[] biases, Tensor[] timesteps, int[] shortcuts, bool tangent, int block) -> Tensor[]");
   m.def("gathered_row_dot(Tensor grad, Tensor tangents, Tensor rows) -> Tensor");
   m.def("embedding_net_backward(Tensor s, Tensor[] weights, Tensor[] biases, Tensor[] timesteps, int[] shortcuts, Tensor gG, Tensor gGp, int block) -> Tensor[]");
+  m.def("tabulated_embedding(Tensor x, Tensor coeffs, float x0, float h, bool tangent) -> Tensor[]");
+  m.def("tabulated_contraction(Tensor x, Tensor rr, Tensor coeffs, float x0, float h) -> Tensor");
+  m.def("tabulated_contraction_backward(Tensor x, Tensor rr, Tensor coeffs, float x0, float h, Tensor dT) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(dpelt, CPU, m) {
   m.impl("embedding_net", &embedding_net);
   m.impl("gathered_row_dot", &gathered_row_dot);
   m.impl("embedding_net_backward", &embedding_net_backward);
+  m.impl("tabulated_embedding", &tabulated_embedding);
+  m.impl("tabulated_contraction", &tabulated_contraction);
+  m.impl("tabulated_contraction_backward", &tabulated_contraction_backward);
 }

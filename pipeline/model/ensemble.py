@@ -21,7 +21,7 @@ from .stacked import StackedDeepPot
 
 
 def _shapes(m: DeepPot) -> tuple:
-    return tuple((k, tuple(v.shape), v.dtype) for k, v in m.state_dict().items()) + (m.descriptor.type_one_side,)
+    return tuple((k, tuple(v.shape), v.dtype) for k, v in m.state_dict().items()) + (m.descriptor.type_one_side, m.compressed)
 
 
 class Ensemble:

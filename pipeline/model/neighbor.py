@@ -3,7 +3,10 @@
 The search itself is linear-scaling (``vesin``'s cell list; periodic along any subset of
 the three cell vectors, triclinic cells, cells shorter than ``rcut``). The result is the
 DeePMD layout: for every atom ``nnei = sum(sel)`` slots, the first ``sel[0]`` for
-neighbours of type 0 (nearest first), then ``sel[1]`` for type 1, … unused slots hold -1.
+neighbours of type 0, then ``sel[1]`` for type 1, … unused slots hold -1. Within a section
+neighbours are in the search's (deterministic) order, not by distance — the descriptor is a
+sum over slots, so the order does not matter — except when an atom has more neighbours of a
+type than ``sel``: that section is sorted nearest first and the nearest kept.
 
 Padded slots get the displacement :func:`padding_vector` (far beyond ``rcut``), so the
 smooth switch makes them vanish exactly and the model needs no mask.

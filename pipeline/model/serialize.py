@@ -7,6 +7,7 @@ holds tensors and plain data only, so loading one never executes code from it. A
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import pickle
@@ -161,3 +162,22 @@ def freeze_model(model: DeepPot, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         torch.jit.save(scripted, str(tmp), _extra_files={"type_map": " ".join(model.type_map), "rcut": str(model.rcut), "sel": " ".join(map(str, model.sel))})
     return path
+
+
+def inference_model(model, compress: bool) -> DeepPot:
+    """A model file or a loaded DeepPot, ready for inference: eval mode, no weight requiring a
+    gradient, and the embedding nets tabulated when ``compress`` (:meth:`DeepPot.compress`). A
+    loaded model that would change is copied first, so the caller's model (e.g. one being
+    trained) is left exactly as it was."""
+    if isinstance(model, (str, os.PathLike)):
+        m = load_model(model)
+    elif model.compressed or (not compress and not model.training and not any(p.requires_grad for p in model.parameters())):
+        m = model  # ready as it is
+    else:
+        m = copy.deepcopy(model)
+    m.requires_grad_(False).eval()
+    if compress and not m.compressed:
+        m.compress()
+    elif not compress and m.compressed:
+        raise ModelFileError("compress=False was asked for a model already compressed: pass the uncompressed model", key="compress")
+    return m

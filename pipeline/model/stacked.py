@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .compress import StackedTable
 from .deeppot import DeepPot
 from .descriptor import net_types, normalized_rows
 from .network import MLP, tanh_residual
@@ -43,6 +44,10 @@ class StackedMLP:
                 x = torch.baddbmm(bias, x, weight)  # [M, N, n_out]
         return x.reshape(lead + (x.shape[-1],))
 
+    def contract(self, x: torch.Tensor, rr: torch.Tensor) -> torch.Tensor:
+        """x [M, n, c, 1], rr [M, n, c, 4] -> Σ_j rr_jᵀ G(x_j) [M, n, 4, M1]."""
+        return torch.matmul(rr.transpose(2, 3), self(x))
+
 
 class StackedDeepPot:
     """Atomic energies of M same-shaped models on per-member displacements in one pass."""
@@ -61,7 +66,12 @@ class StackedDeepPot:
         self.dtype = desc.davg.dtype
         self.davg = torch.stack([m.descriptor.davg for m in models])  # [M, ntypes, nnei, 4]
         self.dstd = torch.stack([m.descriptor.dstd for m in models])  # [M, ntypes, nnei, 4]
-        self.embeddings = [StackedMLP([m.descriptor.embeddings[k] for m in models]) for k in range(len(desc.embeddings))]
+        if all(m.compressed for m in models):  # the members' tables (pipeline.model.compress)
+            self.embeddings = [StackedTable([m.descriptor.embedding_tables[k] for m in models]) for k in range(len(desc.embeddings))]
+        elif any(m.compressed for m in models):
+            raise ValueError("stacking compressed with uncompressed models: compress all members or none")
+        else:
+            self.embeddings = [StackedMLP([m.descriptor.embeddings[k] for m in models]) for k in range(len(desc.embeddings))]
         self.fittings = [StackedMLP([m.fitting.nets[t] for m in models]) for t in range(self.ntypes)]
         self.bias_atom_e = torch.stack([m.fitting.bias_atom_e for m in models])  # [M, ntypes]
         self._pad_cache: dict = {}
@@ -74,8 +84,7 @@ class StackedDeepPot:
         for k, net in enumerate(self.embeddings):
             tj, serves = net_types(k, self.ntypes, self.type_one_side)
             if (serves < 0 or serves == centre_type) and counts[tj] > 0:
-                g_t = net(s_secs[tj])  # [M, n, c_t, M1]
-                out = out + torch.matmul(r_secs[tj].transpose(2, 3), g_t)  # [M, n, 4, M1]
+                out = out + net.contract(s_secs[tj], r_secs[tj])  # [M, n, 4, M1]
         return out
 
     def _padding_sums(self, counts: List[int]) -> torch.Tensor:
