@@ -200,6 +200,11 @@ def test_resume_stops_the_jobs_of_a_killed_driver_only(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its jobs run on
         proc.wait()
         assert any(Path(f"/proc/{pid}").exists() for pid in job_pids)
+        for pid in job_pids:  # frozen, so they are still there for resume however fast they would end
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        job_pids = [pid for pid in job_pids if recovery_alive(pid)]
+        assert job_pids
         locks = sorted((run / ".snakemake" / "locks").iterdir())
         assert locks  # the killed driver's stale Snakemake lock
         # a dry run only says what it would do: no job stopped, nothing unlocked, no driver lock taken
@@ -356,9 +361,12 @@ def test_resume_refuses_records_of_another_host_boot_or_a_cluster_run(tmp_path):
         with pytest.raises(DpeltError, match="slurm executor"):
             recovery._check_where(run.resolve(), [], force=False)
         # a copy of the run directory: the records are the original's
+        orphan = recovery.this_process(drv.pid)  # stands for a job whose driver is gone
+        (jobs / f"{orphan.pid}.json").write_text(json.dumps({"pid": orphan.pid, "start": orphan.start, "driver": {"pid": 0, "start": -1}, "run_dir": str(run.resolve())} | here))
+        assert recovery.leftover_processes(run) == [orphan]
         copy = tmp_path / "copy"
         shutil.copytree(run, copy)
-        assert recovery.recorded_drivers(copy) == [] and recovery.foreign_records(copy) == []
+        assert recovery.recorded_drivers(copy) == [] and recovery.foreign_records(copy) == [] and recovery.leftover_processes(copy) == []
         recovery._check_where(copy.resolve(), [], force=False)
     finally:
         drv.kill()
