@@ -87,3 +87,16 @@ def test_deepmd_venv_uses_the_makefiles_python_and_refuses_an_unsupported_one(tm
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 2 and "is Python 3.9" in r.stderr and "3.10-3.12" in r.stderr, r.stderr
     assert not (tmp_path / "v").exists()  # refused before anything was created
+
+
+def test_deepmd_venv_builds_wait_for_each_other(tmp_path):
+    """Two CI runs share the venv under ~/.cache: a build waits for the lock of another."""
+    import fcntl
+
+    venv = tmp_path / "v"
+    with open(f"{venv}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        r = subprocess.run(["bash", str(TESTS.parent / "bench/deepmd/setup_venv.sh"), str(venv)], env=dict(os.environ, DPELT_VENV_LOCK_TIMEOUT="1"),
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1 and "another build" in r.stderr, r.stderr
+    assert not venv.exists()
