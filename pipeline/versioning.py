@@ -173,7 +173,7 @@ def run_record(root: Path, configfile: str | os.PathLike | None = None, log=prin
     is not committed, and a reader cannot reproduce the run without it."""
     import yaml
 
-    from .runconfig import SCHEMA, validate_schema
+    from .runconfig import validate_schema
 
     path = Path(configfile or DEFAULT_CONFIG)
     path = path if path.is_absolute() else root / path
@@ -188,8 +188,7 @@ def run_record(root: Path, configfile: str | os.PathLike | None = None, log=prin
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise DpeltError(f"cannot parse YAML: {exc}", path=path) from None
-    schema = root / "config" / "schema.yaml"
-    validate_schema(config, schema if schema.exists() else SCHEMA, str(path))
+    validate_schema(config, str(path))  # the package's schema (pipeline/schema.yaml) holds every default
     entry = {"config_file": rel, "config_sha256": sha256(path), "seed": int(config["seed"])}
     return entry | ({} if rel else {"config_outside": str(path.resolve())}), config
 
