@@ -10,7 +10,8 @@ BIN = $(VENV)/bin
 DEEPMD_VENV ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/dpelt/deepmd-pt-venv
 DPELT_DEEPMD_PYTHON ?= $(DEEPMD_VENV)/bin/python
 export DPELT_DEEPMD_PYTHON
-CI_TRUE = $(filter true 1 yes,$(CI))
+# case-insensitive, like tests/conftest.py (CI=True, CI=TRUE are CI too)
+CI_TRUE = $(filter true 1 yes,$(shell echo '$(CI)' | tr A-Z a-z))
 
 .PHONY: run example test test-all bench clean-venv deepmd-venv
 
@@ -35,7 +36,7 @@ test: $(BIN)/.installed $(if $(CI_TRUE),deepmd-venv)
 deepmd-venv: $(DEEPMD_VENV)/.dpelt-ready
 
 $(DEEPMD_VENV)/.dpelt-ready: bench/deepmd/setup_venv.sh
-	bash bench/deepmd/setup_venv.sh $(DEEPMD_VENV)
+	PYTHON=$(PYTHON) bash bench/deepmd/setup_venv.sh $(DEEPMD_VENV)
 	touch $@
 
 test-all: $(BIN)/.installed

@@ -345,8 +345,8 @@ def _cmd_resume(args: argparse.Namespace) -> None:
     from .recovery import resume
 
     # --configfile=X: Snakemake's --configfile takes several values and would swallow targets
-    extra = ([f"--configfile={args.configfile}"] if args.configfile else []) + list(args.snakemake_args or [])
-    code = resume(args.directory, cores=args.cores, extra=extra)
+    extra = ([f"--configfile={args.configfile}"] if args.configfile else []) + (["--dry-run"] if args.dry_run else []) + list(args.snakemake_args or [])
+    code = resume(args.directory, cores=args.cores, extra=extra, force=args.force)
     if code:
         raise SystemExit(code)
 
@@ -538,10 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("-C", "--directory", default=".", help="the clone of the published run")
     rr.set_defaults(func=_cmd_reproduce)
 
-    ru = sub.add_parser("resume", help="continue a run whose driver was killed: stop leftovers, unlock, rerun incomplete jobs")
+    ru = sub.add_parser("resume", help="continue a run whose driver was killed: stop leftovers, unlock, rerun incomplete jobs (with -n/--dry-run: only show them)")
     ru.add_argument("-C", "--directory", default=".")
     ru.add_argument("--cores", default="all")
     ru.add_argument("--configfile", help="the run's config, if not config/config.yaml")
+    ru.add_argument("-n", "--dry-run", action="store_true", help="only show the leftover jobs that would be stopped and what Snakemake would rerun; stop and unlock nothing")
+    ru.add_argument("--force", action="store_true", help="resume although processes were recorded on another host or before a reboot, or the run used a cluster executor (after you checked / cancelled them)")
     ru.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="further Snakemake arguments (e.g. --configfile X.yaml)")
     ru.set_defaults(func=_cmd_resume)
 

@@ -7,24 +7,37 @@ were running when the driver died run again; their partial outputs never look fi
 (every file is written to a temporary name and renamed), a killed training continues from
 its last checkpoint and a killed labeling reuses every finished label.
 
-Which processes belong to the run is known from what the run recorded, never from command
+Whether a driver is alive is known from a lock, never from a PID: every real (not dry-run)
+Snakemake driver holds a shared ``flock`` on ``.dpelt/run/driver.lock`` from the moment the
+workflow is parsed until it exits; the kernel drops it when the process dies, however it
+dies. ``dpelt resume`` and ``dpelt restore`` take it exclusively without waiting: if they
+cannot, a driver runs and they refuse.
+
+Which processes are orphan jobs is known from what the run recorded, never from command
 lines or working directories (an editor on ``snakemake.log``, or a clone named ``dpelt``,
 must not look like a job):
 
-    .dpelt/run/driver.json      the Snakemake driver (written when the workflow starts)
-    .dpelt/run/jobs/<pid>.json  each ``dpelt`` job the driver started (removed when it ends)
+    .dpelt/run/drivers/<pid>.json  each driver (written when the workflow is parsed); it
+                                   exports DPELT_RUN_DRIVER=<pid>:<start> to its jobs
+    .dpelt/run/jobs/<pid>.json     each ``dpelt`` job started under a recorded driver
+                                   (removed when it ends)
 
 A record holds the PID and the process start time (``/proc/<pid>/stat`` field 22, clock
 ticks since boot); a PID is trusted only while a process with that PID *and* that start
-time exists, so a PID reused by an unrelated process is never signalled.
+time exists, so a PID reused by an unrelated process is never signalled. It also holds the
+host name, the boot id (``/proc/sys/kernel/random/boot_id``) and the resolved run directory:
+a PID means nothing on another node or after a reboot, and a record copied with a run
+directory belongs to the original.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -85,10 +98,23 @@ def this_process(pid: int | None = None) -> Proc:
     return Proc(pid, start, _cmdline(pid))
 
 
+def boot_id() -> str:
+    """Identity of this boot of this machine (PIDs and start times are only valid within it)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def where() -> dict:
+    """Where a record is valid: host name and boot id."""
+    return {"host": socket.gethostname(), "boot_id": boot_id()}
+
+
 def _write(path: Path, proc: Proc, **extra) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"pid": proc.pid, "start": proc.start, "cmd": proc.cmd} | extra))
+    tmp.write_text(json.dumps({"pid": proc.pid, "start": proc.start, "cmd": proc.cmd} | where() | extra))
     os.replace(tmp, path)
 
 
@@ -100,49 +126,99 @@ def _read(path: Path) -> tuple[Proc, dict] | None:
         return None  # a record cut by the kill: nothing to trust
 
 
-def record_driver(run_dir: str | os.PathLike = ".", pid: int | None = None) -> Proc:
-    """Record the Snakemake driver of ``run_dir`` (called from the workflow's ``onstart``)."""
-    proc = this_process(pid)
-    _write(Path(run_dir) / RECORDS / "driver.json", proc)
+#: the variable a driver exports to its jobs: "<pid>:<start>"
+DRIVER_ENV = "DPELT_RUN_DRIVER"
+
+_DRIVER_LOCK = None  # the open driver.lock of this process while it is a driver (kept for its lifetime)
+
+
+def _lock_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / RECORDS / "driver.lock"
+
+
+def start_driver(run_dir: str | os.PathLike = ".", executor: str = "local") -> Proc:
+    """Make this process the recorded driver of ``run_dir``: hold the driver lock (shared:
+    Snakemake itself arbitrates between two drivers), write drivers/<pid>.json and export
+    DPELT_RUN_DRIVER to the jobs it will start. Called once, when the workflow is parsed for
+    a real run. Raises BlockingIOError if ``dpelt resume``/``restore`` holds the lock."""
+    global _DRIVER_LOCK
+    path = _lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a")  # close-on-exec: jobs do not inherit it, so orphans never look like a driver
+    try:
+        fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise
+    _DRIVER_LOCK = fh
+    proc = record_driver(run_dir, executor=executor)
+    os.environ[DRIVER_ENV] = f"{proc.pid}:{proc.start}"
     return proc
 
 
-def recorded_driver(run_dir: str | os.PathLike) -> Proc | None:
-    rec = _read(Path(run_dir) / RECORDS / "driver.json")
-    return rec[0] if rec else None
+def record_driver(run_dir: str | os.PathLike = ".", pid: int | None = None, **extra) -> Proc:
+    """Write the record of driver ``pid`` (default: this process) of ``run_dir``."""
+    proc = this_process(pid)
+    _write(Path(run_dir) / RECORDS / "drivers" / f"{proc.pid}.json", proc, run_dir=str(Path(run_dir).resolve()), **extra)
+    return proc
 
 
-def live_driver(run_dir: str | os.PathLike) -> Proc | None:
-    """The recorded Snakemake driver of ``run_dir`` if it is still running."""
-    d = recorded_driver(run_dir)
-    return d if d is not None and d.alive() else None
+def recorded_drivers(run_dir: str | os.PathLike) -> list[tuple[Proc, dict]]:
+    """Driver records of ``run_dir`` (those copied from another directory are ignored)."""
+    here = str(Path(run_dir).resolve())
+    recs = (_read(p) for p in sorted((Path(run_dir) / RECORDS / "drivers").glob("*.json")))
+    return [r for r in recs if r is not None and r[1].get("run_dir") == here]
 
 
-def _is_ancestor(anc: int, pid: int) -> bool:
-    seen = set()
-    pid = parent(pid)
-    while pid > 1 and pid not in seen:
-        if pid == anc:
-            return True
-        seen.add(pid)
-        pid = parent(pid)
-    return False
+@contextlib.contextmanager
+def no_live_driver(run_dir: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold the driver lock exclusively while the block runs (no driver can start); raise
+    DpeltError at once if a live driver holds it."""
+    from .errors import DpeltError
+
+    path = _lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            me = where()
+            pids = [p.pid for p, d in recorded_drivers(run_dir) if d.get("boot_id") == me["boot_id"] and d.get("host") == me["host"] and p.alive()]
+            who = f"snakemake pid {', '.join(map(str, pids))}" if pids else f"a process holds {path}"
+            raise DpeltError(f"a run is still active here ({who}); wait for it or stop it before {what}", path=Path(run_dir).resolve()) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _env_driver() -> tuple[int, int] | None:
+    try:
+        pid, start = os.environ[DRIVER_ENV].split(":")
+        return int(pid), int(start)
+    except (KeyError, ValueError):
+        return None
 
 
 @contextlib.contextmanager
 def job_record(run_dir: str | os.PathLike = ".") -> Iterator[Proc | None]:
     """Record this process as a job of the run in ``run_dir`` while the block runs.
 
-    Only a process started (through any number of shells) by the live recorded driver is a
-    job; any other dpelt command run in the directory records nothing. Yields the record."""
-    path = None
-    driver = live_driver(run_dir)
-    if driver is not None and _is_ancestor(driver.pid, os.getpid()):
-        me = this_process()
-        path = Path(run_dir) / RECORDS / "jobs" / f"{me.pid}.json"
-        _write(path, me, driver={"pid": driver.pid, "start": driver.start})
+    A job is a process whose environment names (DPELT_RUN_DRIVER) a driver recorded for
+    ``run_dir`` on this host and boot, whether that driver still runs or not (it may have been
+    killed the instant after starting the job); any other dpelt command records nothing."""
+    path, me = None, None
+    drv = _env_driver()
+    if drv is not None:
+        here = where()
+        for proc, data in recorded_drivers(run_dir):
+            if (proc.pid, proc.start) == drv and data.get("host") == here["host"] and data.get("boot_id") == here["boot_id"]:
+                me = this_process()
+                path = Path(run_dir) / RECORDS / "jobs" / f"{me.pid}.json"
+                _write(path, me, driver={"pid": proc.pid, "start": proc.start}, run_dir=str(Path(run_dir).resolve()))
+                break
     try:
-        yield None if path is None else me
+        yield me
     finally:
         if path is not None:
             path.unlink(missing_ok=True)
@@ -163,16 +239,39 @@ def _descendants(pids: set[int]) -> set[int]:
     return out
 
 
-def leftover_processes(run_dir: str | os.PathLike) -> list[Proc]:
-    """Recorded jobs of ``run_dir`` still running although their driver is gone, and their
-    descendants. Records of jobs that ended are removed."""
+def job_records(run_dir: str | os.PathLike) -> list[tuple[Path, Proc, dict]]:
+    """(path, process, record) of the job records of ``run_dir``, those copied from another
+    directory left out."""
+    here = str(Path(run_dir).resolve())
     out = []
     for path in sorted((Path(run_dir) / RECORDS / "jobs").glob("*.json")):
         rec = _read(path)
-        if rec is None or not rec[0].alive():
+        if rec is None:
+            path.unlink(missing_ok=True)  # a record cut by the kill: nothing to trust
+        elif rec[1].get("run_dir", here) == here:
+            out.append((path, *rec))
+    return out
+
+
+def foreign_records(run_dir: str | os.PathLike) -> list[dict]:
+    """Job and driver records of ``run_dir`` made on another host or before a reboot: their
+    PIDs cannot be checked from here."""
+    me = where()
+    recs = [d for _, _, d in job_records(run_dir)] + [d for _, d in recorded_drivers(run_dir)]
+    return [d for d in recs if (d.get("host", me["host"]), d.get("boot_id", me["boot_id"])) != (me["host"], me["boot_id"])]
+
+
+def leftover_processes(run_dir: str | os.PathLike) -> list[Proc]:
+    """Recorded jobs of ``run_dir`` (on this host and boot) still running although their
+    driver is gone, and their descendants. Records of jobs that ended are removed."""
+    me = where()
+    out = []
+    for path, job, data in job_records(run_dir):
+        if (data.get("host", me["host"]), data.get("boot_id", me["boot_id"])) != (me["host"], me["boot_id"]):
+            continue  # not checkable here: resume refuses on them (foreign_records)
+        if not job.alive():
             path.unlink(missing_ok=True)
             continue
-        job, data = rec
         drv = data.get("driver") or {}
         if Proc(int(drv.get("pid", 0)), int(drv.get("start", -1))).alive():
             continue  # its driver runs: not a leftover
@@ -183,6 +282,12 @@ def leftover_processes(run_dir: str | os.PathLike) -> list[Proc]:
         if start is not None:
             out.append(Proc(pid, start, _cmdline(pid)))
     return out
+
+
+def live_jobs(run_dir: str | os.PathLike) -> list[Proc]:
+    """Recorded jobs of ``run_dir`` running now on this host, whatever became of their driver."""
+    me = where()
+    return [job for _, job, d in job_records(run_dir) if (d.get("host", me["host"]), d.get("boot_id", me["boot_id"])) == (me["host"], me["boot_id"]) and job.alive()]
 
 
 def _signal(proc: Proc, sig: int) -> None:
@@ -202,20 +307,70 @@ def stop_processes(procs: list[Proc], grace_s: float = 5.0) -> None:
         _signal(p, signal.SIGKILL)
 
 
-def resume(run_dir: str | os.PathLike = ".", cores: str = "all", extra: list[str] | None = None, log=print) -> int:
-    """Stop leftovers, unlock, rerun incomplete jobs; returns Snakemake's exit status."""
+DRY_RUN_FLAGS = ("-n", "--dry-run", "--dryrun")
+LOCAL_EXECUTORS = ("local", "dryrun", "touch")
+
+
+def _executor(extra: list[str]) -> str | None:
+    """The executor named in Snakemake arguments (--executor X, --executor=X, -e X), if any."""
+    for i, a in enumerate(extra):
+        if a in ("--executor", "-e") and i + 1 < len(extra):
+            return extra[i + 1]
+        if a.startswith("--executor="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _check_where(run_dir: Path, extra: list[str], force: bool) -> None:
+    """Refuse (unless ``force``) what resume cannot see from here: records of another host or
+    boot, and runs whose jobs are queued on a cluster."""
     from .errors import DpeltError
+
+    if force:
+        return
+    foreign = foreign_records(run_dir)
+    if foreign:
+        hosts = sorted({f"{d.get('host')} (boot {str(d.get('boot_id'))[:8]})" for d in foreign})
+        raise DpeltError(
+            f"this run has processes recorded on another host or before a reboot: {', '.join(hosts)}; their PIDs cannot be checked "
+            "from here. Check that nothing of the run still runs there (on a cluster: squeue/scancel its jobs), then resume with --force",
+            path=run_dir / RECORDS,
+        )
+    executors = {d.get("executor", "local") for _, d in recorded_drivers(run_dir)} | {_executor(extra) or "local"}
+    remote = sorted(executors - set(LOCAL_EXECUTORS))
+    if remote:
+        raise DpeltError(
+            f"the run uses the {', '.join(remote)} executor: jobs the killed driver submitted may still be queued or running on the cluster, "
+            "where resume cannot stop them. Cancel the run's queued jobs first (SLURM: squeue --me; scancel <ids>), then resume with --force",
+            path=run_dir,
+        )
+
+
+def resume(run_dir: str | os.PathLike = ".", cores: str = "all", extra: list[str] | None = None, log=print, force: bool = False) -> int:
+    """Stop leftovers, unlock, rerun incomplete jobs; returns Snakemake's exit status.
+
+    With a dry-run flag among ``extra`` (-n, --dry-run) nothing is stopped or unlocked: the
+    leftovers are only listed and Snakemake shows what would run."""
     from .versioning import require_tool
 
     run_dir = Path(run_dir).resolve()
+    extra = list(extra or [])
     snakemake = require_tool("snakemake")  # before anything is stopped
-    driver = live_driver(run_dir)
-    if driver is not None:
-        raise DpeltError(f"a run is still active here (snakemake pid {driver.pid}); wait for it or stop it first", path=run_dir)
-    procs = leftover_processes(run_dir)
-    if procs:
-        log(f"stopping {len(procs)} job processes left by the killed run: " + "; ".join(f"{p.pid} {p.cmd[:80]}" for p in procs))
-        stop_processes(procs)
-    subprocess.run([snakemake, "--unlock"] + list(extra or []), cwd=run_dir, capture_output=True, text=True)
-    log("unlocked; rerunning incomplete jobs")
-    return subprocess.run([snakemake, "--cores", str(cores), "--rerun-incomplete"] + list(extra or []), cwd=run_dir).returncode
+    dry = any(a in DRY_RUN_FLAGS for a in extra)
+    with no_live_driver(run_dir, "resuming"):  # and no driver starts until the leftovers are gone
+        _check_where(run_dir, extra, force)
+        procs = leftover_processes(run_dir)
+        listing = "; ".join(f"{p.pid} {p.cmd[:80]}" for p in procs)
+        if dry:
+            if procs:
+                log(f"dry run: would stop {len(procs)} job processes left by the killed run: {listing}")
+        else:
+            if procs:
+                log(f"stopping {len(procs)} job processes left by the killed run: {listing}")
+                stop_processes(procs)
+            for proc, _ in recorded_drivers(run_dir):
+                if not proc.alive():
+                    (run_dir / RECORDS / "drivers" / f"{proc.pid}.json").unlink(missing_ok=True)
+            subprocess.run([snakemake, "--unlock"] + extra, cwd=run_dir, capture_output=True, text=True)
+            log("unlocked; rerunning incomplete jobs")
+    return subprocess.run([snakemake, "--cores", str(cores), "--rerun-incomplete"] + extra, cwd=run_dir).returncode

@@ -173,7 +173,7 @@ def run_record(root: Path, configfile: str | os.PathLike | None = None, log=prin
     is not committed, and a reader cannot reproduce the run without it."""
     import yaml
 
-    from .runconfig import SCHEMA, validate_schema
+    from .runconfig import validate_schema
 
     path = Path(configfile or DEFAULT_CONFIG)
     path = path if path.is_absolute() else root / path
@@ -188,8 +188,7 @@ def run_record(root: Path, configfile: str | os.PathLike | None = None, log=prin
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise DpeltError(f"cannot parse YAML: {exc}", path=path) from None
-    schema = root / "config" / "schema.yaml"
-    validate_schema(config, schema if schema.exists() else SCHEMA, str(path))
+    validate_schema(config, str(path))  # the package's schema (pipeline/schema.yaml) holds every default
     entry = {"config_file": rel, "config_sha256": sha256(path), "seed": int(config["seed"])}
     return entry | ({} if rel else {"config_outside": str(path.resolve())}), config
 
@@ -262,6 +261,46 @@ def _set_workflow_times(root: Path, iters: Sequence[Path]) -> None:
                 os.utime(f, (t, t))
 
 
+def missing_outputs(root: Path, tag: str, dvc_files: Sequence[str]) -> list[str]:
+    """Outputs of ``tag``'s .dvc files whose content is not in the local DVC cache (a
+    directory counts as missing if any file it lists is)."""
+    import yaml
+
+    cache = Path(run(["dvc", "cache", "dir"], root).stdout.strip())
+    cache = cache if cache.is_absolute() else root / cache
+
+    def obj(md5: str) -> Path | None:  # DVC 3 layout (files/md5/ab/cd...), then DVC 2's (ab/cd...)
+        found = [p for p in (cache / "files" / "md5" / md5[:2] / md5[2:], cache / md5[:2] / md5[2:]) if p.is_file()]
+        return found[0] if found else None
+
+    missing = []
+    for f in dvc_files:
+        outs = (yaml.safe_load(run(["git", "show", f"{tag}:{f}"], root).stdout) or {}).get("outs") or []
+        for out in outs:
+            md5 = str(out.get("md5", ""))
+            name = str(Path(f).parent / str(out.get("path", "")))
+            path = obj(md5) if md5 else None
+            if path is None or (md5.endswith(".dir") and any(obj(e["md5"]) is None for e in json.loads(path.read_text()))):
+                missing.append(name)
+    return missing
+
+
+def _require_cached(root: Path, tag: str, dvc_files: Sequence[str], log=print) -> None:
+    """Every output of ``tag`` must be in the DVC cache before anything moves (a clone made
+    without `dvc pull` has none): fetch them from the run's DVC remote, else refuse."""
+    missing = missing_outputs(root, tag, dvc_files)
+    if missing:
+        log(f"{len(missing)} outputs of {tag} are not in the DVC cache; fetching them (dvc fetch --all-tags)")
+        run(["dvc", "fetch", "-q", "--all-tags"], root, check=False)
+        missing = missing_outputs(root, tag, dvc_files)
+    if missing:
+        raise DpeltError(
+            f"the data of {tag} is not available: {', '.join(missing)} missing from the DVC cache and not fetched from a remote; "
+            "nothing was moved (configure the run's DVC remote and run `dvc fetch --all-tags`)",
+            path=root / ".dvc",
+        )
+
+
 def restore(root: str | os.PathLike, tag: str, log=print) -> dict:
     """Bring back the datasets and models of ``tag`` (iter-NNN); later iterations go to attic/."""
     root = Path(root).resolve()
@@ -274,13 +313,20 @@ def restore(root: str | os.PathLike, tag: str, log=print) -> dict:
         require_tool(name)
     if not is_git_repo(root) or not (root / ".dvc").is_dir():
         raise DpeltError("not a published run (no git repository with DVC here): nothing to restore", path=root)
-    with dvc_lock(root):
+    from .recovery import live_jobs, no_live_driver
+
+    # no driver may run (or start) while files move under it, nor a job it left behind
+    with no_live_driver(root, "restoring"), dvc_lock(root):
+        jobs = live_jobs(root)
+        if jobs:
+            raise DpeltError(f"jobs of a killed run still run here (pids {', '.join(str(j.pid) for j in jobs)}): `dpelt resume -n` lists them, `dpelt resume` stops them", path=root)
         if run(["git", "rev-parse", "-q", "--verify", f"refs/tags/{tag}"], root, check=False).returncode != 0:
             raise DpeltError(f"no such tag {tag!r} (published iterations: {run(['git', 'tag', '--list', 'iter-*'], root).stdout.split()})", key="tag")
         tracked = run(["git", "ls-tree", "-r", "--name-only", tag], root).stdout.split()
         dvc_files = [f for f in tracked if f.endswith(".dvc") and (f.startswith("iter/") or f.startswith("data/"))]
         if not dvc_files:
             raise DpeltError(f"tag {tag!r} records no DVC-tracked data (iter/*.dvc, data/*.dvc)", key="tag")
+        _require_cached(root, tag, dvc_files, log)
         later = [d for d in iteration_dirs(root) if int(d.name) > n]
         moved = []
         attic = root / "attic" / time.strftime("%Y%m%d-%H%M%S")

@@ -29,12 +29,36 @@ except ConfigError as exc:
 LABEL_TIMEOUT = "none" if config["label"]["timeout"] is None else repr(float(config["label"]["timeout"]))
 
 
-onstart:
-    # `dpelt resume` knows this run's driver (and, through it, its jobs) from this record, never
-    # from command lines; dpelt jobs record themselves when their ancestor is this driver
-    from pipeline.recovery import record_driver
+def _start_driver():
+    """A real run (not a dry run, not --unlock, not a job process Snakemake spawned) holds the
+    driver lock of this directory for its lifetime, records itself and exports
+    DPELT_RUN_DRIVER to its jobs, so `dpelt resume` knows it is alive (from the lock) and which
+    processes were its jobs (from their records), never from PIDs or command lines. Done at
+    parse time, before Snakemake's own lock and DAG, and independent of --no-hooks."""
+    import sys
 
-    record_driver(".")
+    from snakemake_interface_executor_plugins.settings import ExecMode
+
+    from pipeline.recovery import _executor, start_driver
+
+    dry = bool(getattr(workflow.output_settings, "dryrun", False))
+    if workflow.exec_mode != ExecMode.DEFAULT or dry or "--unlock" in sys.argv[1:]:
+        return
+    try:
+        start_driver(".", executor=_executor(sys.argv[1:]) or "local")
+    except BlockingIOError:
+        raise WorkflowError("dpelt: `dpelt resume` or `dpelt restore` is working on this run directory (.dpelt/run/driver.lock); start the run when it has finished") from None
+
+
+_start_driver()
+
+
+onstart:
+    # the executor is only known now: resume refuses a cluster run whose jobs may still be queued
+    from pipeline.recovery import DRIVER_ENV, record_driver
+
+    if os.environ.get(DRIVER_ENV, "").startswith(f"{os.getpid()}:"):
+        record_driver(".", executor=workflow.executor_plugin.name if workflow.executor_plugin else "local")
 
 
 wildcard_constraints:

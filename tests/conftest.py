@@ -96,10 +96,20 @@ def _ci() -> bool:
 _SKIPPED: list[tuple[str, str]] = []  # (test, reason) of every skip in this session
 
 
-def pytest_runtest_logreport(report):
+def _record_skip(report) -> None:
     if report.skipped and not hasattr(report, "wasxfail"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         _SKIPPED.append((report.nodeid, reason.removeprefix("Skipped: ")))
+
+
+def pytest_runtest_logreport(report):
+    _record_skip(report)
+
+
+def pytest_collectreport(report):
+    """A whole module skipped at import (``pytest.importorskip`` at module top,
+    ``pytest.skip(allow_module_level=True)``) never reaches the run phase: count it here."""
+    _record_skip(report)
 
 
 def disallowed_skips() -> list[tuple[str, str]]:

@@ -70,6 +70,13 @@ def processes_in(run: Path) -> list[int]:
     return sorted(out)
 
 
+def recovery_alive(pid: int) -> bool:
+    """A process with this PID runs (a zombie has ended)."""
+    from pipeline.recovery import start_time
+
+    return start_time(pid) is not None
+
+
 def wait_for(cond, timeout: float = 300.0, step: float = 0.05) -> bool:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -141,12 +148,14 @@ def test_resume_refuses_a_live_run_and_second_run_is_refused(tmp_path):
     the live driver is known from its record, not taken for an orphan."""
     run = workflow_dir(tmp_path / "dpelt", recovery_config())
     config = str(run / "config" / "run.yaml")  # the driver's command line contains "dpelt"
+    # --no-hooks: no onstart; the driver holds its lock from the moment the workflow is parsed
     proc = subprocess.Popen(
-        [str(BIN / "snakemake"), "--configfile", config, "--cores", "2"],
+        [str(BIN / "snakemake"), "--configfile", config, "--cores", "2", "--no-hooks"],
         cwd=run, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
         assert wait_for(lambda: bool(in_flight(run)) or proc.poll() is not None)
+        assert proc.poll() is None
         # a second driver is refused: by Snakemake's incomplete-files check while the first has
         # jobs in flight, and, when told to rerun incomplete jobs, by the directory lock
         for extra in ([], ["--rerun-incomplete"]):
@@ -154,7 +163,13 @@ def test_resume_refuses_a_live_run_and_second_run_is_refused(tmp_path):
             out = second.stdout + second.stderr
             assert second.returncode != 0
             assert "LockException" in out or "cannot be locked" in out or (not extra and "Incomplete files" in out), out[-2000:]
+        # the second drivers (refused by Snakemake after parsing) overwrote no record of the first
+        assert (run / f".dpelt/run/drivers/{proc.pid}.json").exists()
+        # whatever became of the records, the lock tells that the driver lives
+        shutil.rmtree(run / ".dpelt/run/drivers")
         r = dpelt(run, "resume", "--configfile", config)
+        assert r.returncode == 2 and "a run is still active here" in r.stderr, r.stdout + r.stderr
+        r = dpelt(run, "resume", "--configfile", config, "--dry-run")
         assert r.returncode == 2 and "a run is still active here" in r.stderr, r.stdout + r.stderr
         assert proc.poll() is None  # the live run was left alone
         # its jobs recorded themselves, with the driver that started them
@@ -185,12 +200,27 @@ def test_resume_stops_the_jobs_of_a_killed_driver_only(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its jobs run on
         proc.wait()
         assert any(Path(f"/proc/{pid}").exists() for pid in job_pids)
-        # --dry-run: nothing is rerun, the test is about the stopped jobs
-        resume = [str(BIN / "dpelt"), "resume", "--configfile", config, "data/init/frames.nc", "--dry-run"]
+        for pid in job_pids:  # frozen, so they are still there for resume however fast they would end
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        job_pids = [pid for pid in job_pids if recovery_alive(pid)]
+        assert job_pids
+        locks = sorted((run / ".snakemake" / "locks").iterdir())
+        assert locks  # the killed driver's stale Snakemake lock
+        # a dry run only says what it would do: no job stopped, nothing unlocked, no driver lock taken
+        dry = [str(BIN / "dpelt"), "resume", "--configfile", config, "data/init/frames.nc", "--dry-run"]
+        r = subprocess.run(dry, cwd=run, env=env(), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "would stop" in r.stdout and "job processes left by the killed run" in r.stdout
+        assert all(recovery_alive(pid) for pid in job_pids)
+        assert sorted((run / ".snakemake" / "locks").iterdir()) == locks
+        assert [p.name for p in (run / ".dpelt/run/drivers").iterdir()] == [f"{proc.pid}.json"]  # the dry run recorded no driver
+        # --summary: Snakemake only lists the outputs, nothing reruns; the test is about the stopped jobs
+        resume = [str(BIN / "dpelt"), "resume", "--configfile", config, "data/init/frames.nc", "--summary"]
         r = subprocess.run(resume, cwd=run, env=env(), capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        assert "job processes left by the killed run" in r.stdout
-        assert not any(Path(f"/proc/{pid}").exists() and not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z" for pid in job_pids)
+        assert "stopping" in r.stdout and "job processes left by the killed run" in r.stdout
+        assert not any(recovery_alive(pid) for pid in job_pids)
         assert bystander.poll() is None  # looked like a job, was not one
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -200,7 +230,7 @@ def test_resume_stops_the_jobs_of_a_killed_driver_only(tmp_path):
 
 
 def test_records_are_trusted_only_with_their_start_time(tmp_path):
-    """A recorded PID whose process start time differs (the PID was reused) is neither a live
+    """A recorded PID whose process start time differs (the PID was reused) is neither a
     driver nor an orphan to stop."""
     from pipeline import recovery
 
@@ -210,11 +240,9 @@ def test_records_are_trusted_only_with_their_start_time(tmp_path):
     try:
         assert wait_for(lambda: recovery.start_time(other.pid) is not None)
         real = recovery.record_driver(run, pid=other.pid)
-        assert recovery.live_driver(run) == real
+        assert [p for p, _ in recovery.recorded_drivers(run)] == [real]
         # the same PID with another start time: a different process
         reused = recovery.Proc(other.pid, real.start + 1)
-        (run / ".dpelt/run/driver.json").write_text(json.dumps({"pid": reused.pid, "start": reused.start}))
-        assert recovery.live_driver(run) is None
         (run / ".dpelt/run/jobs").mkdir()
         (run / ".dpelt/run/jobs" / f"{other.pid}.json").write_text(json.dumps({"pid": reused.pid, "start": reused.start, "driver": {"pid": 1, "start": 0}}))
         assert recovery.leftover_processes(run) == []
@@ -224,6 +252,166 @@ def test_records_are_trusted_only_with_their_start_time(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def python(code: str, run: Path, **env_extra) -> subprocess.Popen:
+    """A Python process in ``run`` running ``code`` with this checkout's package."""
+    return subprocess.Popen([sys.executable, "-c", code], cwd=run, env=dict(os.environ, PYTHONPATH=str(ROOT), **env_extra), start_new_session=True)
+
+
+SLEEPING_JOB = "import time\nfrom pipeline.recovery import job_record\nwith job_record('.'):\n    time.sleep(600)\n"
+DRIVER = "import time\nfrom pipeline.recovery import start_driver\nstart_driver('.')\nprint('ready', flush=True)\ntime.sleep(600)\n"
+
+
+def test_a_job_whose_driver_died_before_it_recorded_itself_is_an_orphan(tmp_path):
+    """The driver is killed before its job writes its record: the job still records itself
+    (from DPELT_RUN_DRIVER, matching the driver's record) and resume finds it. The variable
+    alone (a stale one, or a driver of another directory) records nothing."""
+    from pipeline import recovery
+
+    run = tmp_path / "run"
+    run.mkdir()
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    assert wait_for(lambda: recovery.start_time(driver.pid) is not None)
+    rec = recovery.record_driver(run, pid=driver.pid)
+    driver.kill()
+    driver.wait()
+    procs = []
+    try:
+        procs.append(python(SLEEPING_JOB, run, DPELT_RUN_DRIVER=f"{rec.pid}:{rec.start}"))
+        assert wait_for(lambda: (run / f".dpelt/run/jobs/{procs[0].pid}.json").exists(), timeout=60)
+        assert [p.pid for p in recovery.leftover_processes(run)] == [procs[0].pid]
+        # not a job: a variable naming no recorded driver of this directory, or no variable
+        other = tmp_path / "other"
+        other.mkdir()
+        procs.append(python(SLEEPING_JOB, other, DPELT_RUN_DRIVER=f"{rec.pid}:{rec.start}"))
+        procs.append(python(SLEEPING_JOB, run, DPELT_RUN_DRIVER=f"{rec.pid}:{rec.start + 1}"))
+        procs.append(python(SLEEPING_JOB, run))
+        time.sleep(3)
+        assert not (other / ".dpelt").exists()
+        assert [p.name for p in (run / ".dpelt/run/jobs").iterdir()] == [f"{procs[0].pid}.json"]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_the_driver_lock_tells_a_live_driver_and_dies_with_it(tmp_path):
+    """resume/restore refuse while a driver holds the lock, whatever its records say; the
+    kernel drops the lock when the driver is killed; a job it started does not hold it."""
+    from pipeline import recovery
+    from pipeline.errors import DpeltError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with_job = DRIVER.replace("time.sleep(600)", "import subprocess, sys\njob = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\nprint(job.pid, flush=True)\ntime.sleep(600)")
+    drv = subprocess.Popen([sys.executable, "-c", with_job], cwd=run, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert drv.stdout.readline().strip() == "ready"
+        job = int(drv.stdout.readline())
+        shutil.rmtree(run / ".dpelt/run/drivers")  # records gone: the lock still tells
+        with pytest.raises(DpeltError, match="a run is still active here"):
+            with recovery.no_live_driver(run, "resuming"):
+                pass
+        # a second driver shares the lock (Snakemake arbitrates between drivers)
+        second = python(DRIVER, run)
+        assert wait_for(lambda: (run / f".dpelt/run/drivers/{second.pid}.json").exists(), timeout=60)
+        second.kill()
+        second.wait()
+        os.kill(drv.pid, signal.SIGKILL)  # the driver alone: its job runs on
+        drv.wait()
+        assert recovery_alive(job)
+        with recovery.no_live_driver(run, "resuming"):  # released by the kernel; the job never held it
+            pass
+    finally:
+        os.killpg(drv.pid, signal.SIGKILL)
+        drv.wait()
+    with recovery.no_live_driver(run, "resuming"):
+        # and no driver starts while resume/restore hold it
+        late = subprocess.run([sys.executable, "-c", DRIVER], cwd=run, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60)
+        assert late.returncode != 0 and "BlockingIOError" in late.stderr
+
+
+def test_resume_refuses_records_of_another_host_boot_or_a_cluster_run(tmp_path):
+    """PIDs recorded on another node, or before a reboot, cannot be checked here; jobs queued
+    by a cluster executor cannot be stopped from here: resume refuses unless --force. Records
+    copied with the run directory belong to the original directory."""
+    from pipeline import recovery
+    from pipeline.errors import DpeltError
+
+    run = tmp_path / "run"
+    jobs = run / recovery.RECORDS / "jobs"
+    jobs.mkdir(parents=True)
+    here = recovery.where()
+    job = {"pid": 4242, "start": 1, "driver": {"pid": 1, "start": 0}, "run_dir": str(run.resolve())}
+    recovery._check_where(run.resolve(), [], force=False)  # nothing recorded: fine
+    for field, value, says in (("host", "node17", "node17"), ("boot_id", "0" * 36, "before a reboot")):
+        (jobs / "4242.json").write_text(json.dumps(job | here | {field: value}))
+        with pytest.raises(DpeltError, match=f"(?s){says}.*scancel.*--force"):
+            recovery._check_where(run.resolve(), [], force=False)
+        assert recovery.leftover_processes(run) == []  # never signalled from here
+        recovery._check_where(run.resolve(), [], force=True)
+    (jobs / "4242.json").unlink()
+    with pytest.raises(DpeltError, match="(?s)slurm executor.*scancel.*--force"):
+        recovery._check_where(run.resolve(), ["--executor", "slurm"], force=False)
+    drv = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        assert wait_for(lambda: recovery.start_time(drv.pid) is not None)
+        recovery.record_driver(run, pid=drv.pid, executor="slurm")
+        with pytest.raises(DpeltError, match="slurm executor"):
+            recovery._check_where(run.resolve(), [], force=False)
+        # a copy of the run directory: the records are the original's
+        orphan = recovery.this_process(drv.pid)  # stands for a job whose driver is gone
+        (jobs / f"{orphan.pid}.json").write_text(json.dumps({"pid": orphan.pid, "start": orphan.start, "driver": {"pid": 0, "start": -1}, "run_dir": str(run.resolve())} | here))
+        assert recovery.leftover_processes(run) == [orphan]
+        copy = tmp_path / "copy"
+        shutil.copytree(run, copy)
+        assert recovery.recorded_drivers(copy) == [] and recovery.foreign_records(copy) == [] and recovery.leftover_processes(copy) == []
+        recovery._check_where(copy.resolve(), [], force=False)
+    finally:
+        drv.kill()
+        drv.wait()
+
+
+def test_restore_refuses_a_live_run_and_data_missing_from_the_cache(tmp_path):
+    """restore moves nothing while a driver or a job of the run lives, nor when the tag's data
+    is not in the DVC cache (a clone made without `dvc pull`)."""
+    from pipeline import recovery
+    from pipeline.errors import DpeltError
+    from pipeline.versioning import restore
+
+    run = tmp_path / "run"
+    for i in range(2):
+        (run / "iter" / f"{i:03d}" / "eval").mkdir(parents=True)
+        (run / "iter" / f"{i:03d}" / "eval" / "x.txt").write_text(f"iteration {i}\n")
+    git = ["git", "-c", "user.email=ci@example.org", "-c", "user.name=ci"]
+    dvc = str(BIN / "dvc")
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "add", "-q", "iter/000"], ["git", "add", "-A"], git + ["commit", "-q", "-m", "x"], ["git", "tag", "iter-000"]):
+        subprocess.run(cmd, cwd=run, check=True, capture_output=True)
+    before = sorted(p.relative_to(run) for p in (run / "iter").rglob("*"))
+
+    def refused(match: str) -> None:
+        with pytest.raises(DpeltError, match=match):
+            restore(run, "iter-000", log=lambda *_: None)
+        assert sorted(p.relative_to(run) for p in (run / "iter").rglob("*")) == before and not (run / "attic").exists()
+
+    drv = python(DRIVER, run)
+    try:
+        assert wait_for(lambda: (run / f".dpelt/run/drivers/{drv.pid}.json").exists(), timeout=60)
+        refused("a run is still active here")
+        rec = recovery.recorded_drivers(run)[0][0]
+    finally:
+        os.killpg(drv.pid, signal.SIGKILL)
+        drv.wait()
+    job = python(SLEEPING_JOB, run, DPELT_RUN_DRIVER=f"{rec.pid}:{rec.start}")
+    try:
+        assert wait_for(lambda: (run / f".dpelt/run/jobs/{job.pid}.json").exists(), timeout=60)
+        refused(f"jobs of a killed run still run here \\(pids {job.pid}\\)")
+    finally:
+        job.kill()
+        job.wait()
+    shutil.rmtree(run / ".dvc" / "cache")
+    refused("(?s)data of iter-000 is not available: iter/000 missing from the DVC cache.*nothing was moved")
 
 
 LABEL0 = "iter/000/label/frames.nc"

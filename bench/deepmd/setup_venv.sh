@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Create a Python 3.11 venv with DeePMD-kit (PyTorch backend, CPU) for the water benchmark.
+# Create a venv with DeePMD-kit (PyTorch backend, CPU) for the water benchmark and the
+# equality tests of tests/test_interop.py.
 #
-# Usage: bench/deepmd/setup_venv.sh VENV_DIR
+# Usage: [PYTHON=python3.X] bench/deepmd/setup_venv.sh VENV_DIR
+#
+# PYTHON (default python3; the Makefile passes its own $(PYTHON)) must be Python 3.10-3.12,
+# the versions deepmd-kit 3.2.0 and torch 2.13.0 both publish wheels for.
+# Versions are pinned to those the venv on this machine was validated with, so two builds
+# give the same venv. A lock (VENV_DIR.lock) serialises concurrent builds (two CI runs
+# sharing the venv under ~/.cache) so neither sees a half-built venv.
 #
 # Idempotent: does nothing if VENV_DIR/bin/dp --pt -h already works and the PT backend imports.
 # torch is pinned to 2.13.0 (the CPU wheel on this machine's disk) in every pip call so
@@ -19,6 +26,17 @@ if [ $# -ne 1 ]; then
 fi
 VENV=$1
 TORCH="torch==2.13.0"
+DEEPMD="deepmd-kit==3.2.0"
+ASE="ase==3.29.0"
+MPICH="mpich==5.0.2"
+E3NN="e3nn==0.6.0"
+
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+if ! flock -w "${DPELT_VENV_LOCK_TIMEOUT:-3600}" 9; then
+    echo "ERROR: another build of $VENV holds $VENV.lock" >&2
+    exit 1
+fi
 
 # `dp --pt -h` succeeds even when the PT backend cannot load (it only parses arguments),
 # so "works" also means the PT entry point and the ASE calculator import.
@@ -32,16 +50,28 @@ if dp_works; then
     exit 0
 fi
 
-PY=${PYTHON:-python3.11}
+PY=${PYTHON:-python3}
+if ! command -v "$PY" >/dev/null 2>&1; then
+    echo "ERROR: PYTHON=$PY not found (give an interpreter: PYTHON=python3.11 make deepmd-venv)" >&2
+    exit 2
+fi
+PYVER=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+case "$PYVER" in
+    3.10 | 3.11 | 3.12) ;;
+    *)
+        echo "ERROR: $PY is Python $PYVER; deepmd-kit 3.2.0 with torch 2.13.0 needs Python 3.10-3.12 (give one: PYTHON=python3.11 make deepmd-venv)" >&2
+        exit 2
+        ;;
+esac
 echo "== creating venv $VENV with $($PY --version)"
 "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 
-echo "== installing $TORCH, deepmd-kit, ase"
-"${PIP[@]}" "$TORCH" deepmd-kit ase
+echo "== installing $TORCH, $DEEPMD, $ASE"
+"${PIP[@]}" "$TORCH" "$DEEPMD" "$ASE"
 
 echo "== workaround 1: mpich from PyPI"
-"${PIP[@]}" "$TORCH" mpich
+"${PIP[@]}" "$TORCH" "$DEEPMD" "$MPICH"
 
 echo "== workaround 2: disable deepmd's PyTorch custom-op library (built for another torch)"
 LIBDIR=$("$VENV/bin/python" -c 'import deepmd, os; print(os.path.join(os.path.dirname(deepmd.__file__), "lib"))')
@@ -52,8 +82,8 @@ else
     echo "   $LIBDIR/libdeepmd_op_pt.so not present (already renamed?)"
 fi
 
-echo "== workaround 3: e3nn>=0.5.9"
-"${PIP[@]}" "$TORCH" "e3nn>=0.5.9"
+echo "== workaround 3: $E3NN (>=0.5.9 needed)"
+"${PIP[@]}" "$TORCH" "$DEEPMD" "$E3NN"
 
 echo "== versions"
 "$VENV/bin/python" -c 'import deepmd, torch, ase; print("deepmd-kit", deepmd.__version__, "| torch", torch.__version__, "| ase", ase.__version__)'
