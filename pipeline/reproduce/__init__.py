@@ -59,7 +59,7 @@ def _load_config(workdir: Path, configfile: str) -> tuple[str, dict]:
 
     import yaml
 
-    from ..runconfig import SCHEMA, validate_schema
+    from ..runconfig import validate_schema
 
     if not (workdir / configfile).is_file():
         if not Path(configfile).is_file():
@@ -67,8 +67,8 @@ def _load_config(workdir: Path, configfile: str) -> tuple[str, dict]:
         (workdir / "config").mkdir(exist_ok=True)
         shutil.copyfile(configfile, workdir / "config" / Path(configfile).name)
         configfile = f"config/{Path(configfile).name}"
-    schema = workdir / "config" / "schema.yaml"
-    return configfile, validate_schema(yaml.safe_load((workdir / configfile).read_text()), schema if schema.exists() else SCHEMA, configfile)
+    # validated with this dpelt's schema (shipped in the package; the manifest records the version)
+    return configfile, validate_schema(yaml.safe_load((workdir / configfile).read_text()), configfile)
 
 
 def _resolve(root: Path, tag: str | None) -> tuple[str, list[str]]:
