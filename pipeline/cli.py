@@ -207,7 +207,7 @@ def _cmd_holdout(args: argparse.Namespace) -> None:
     s = make_holdout(init, spec["systems"], spec["temperatures_K"], h.get("frames", 10), md, oracle, spec["type_map"], args.output, args.seed, args.workdir, max_force, timeout=label_timeout(args.timeout))
     print("; ".join(f"{x['system']}: {x['frames']} frames" for x in s["systems"]) + (f"; {len(s['failures'])} failed labels" if s["failures"] else ""))
     for failure in s["failures"]:
-        print(f"  {failure}")
+        print(f"  {failure['source_task']} step {failure['md_step']}: {failure['reason']}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:

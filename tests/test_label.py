@@ -589,7 +589,8 @@ def test_oracle_md_of_init_and_holdout_keeps_only_good_labels(tmp_path, oracle, 
     spec = parse_init_spec({"structures": [{"name": "cu", "lattice": "fcc", "elements": ["Cu"], "a": 3.61, "repeat": [2, 2, 2]}], "md": {"nsteps": 40, "trj_freq": 5}})
     summary = make_holdout(spec, ["cu"], [300.0], 8, OracleMDSpec(trj_freq=5), {"name": oracle, "kwargs": {"fail_after": 12}}, ["Cu"], tmp_path / "h.nc", 1, tmp_path / "work")
     (failure,) = summary["failures"]
-    assert reason in failure and "holdout:cu:T300" in failure, failure
+    assert reason in failure["reason"] and failure["source_task"] == "holdout:cu:T300" and failure["md_step"] == 11, failure
+    assert json.loads((tmp_path / "failures.json").read_text()) == [failure]
     # the frames labelled before the failure are kept, none after it
     assert summary["systems"][0]["frames"] == 2
 
@@ -609,16 +610,16 @@ def test_init_and_holdout_stop_a_hung_calculation_at_the_timeout(tmp_path):
         summary = make_holdout(spec, ["cu"], [300.0], 8, OracleMDSpec(trj_freq=5), oracle, ["Cu"], tmp_path / "h.nc", 1, tmp_path / "h", timeout=1.0)
         assert time.monotonic() - t < 20
         (failure,) = summary["failures"]
-        assert "holdout:cu:T300" in failure and "timed out: no result after 1 s (label.timeout)" in failure, failure
+        assert failure["source_task"] == "holdout:cu:T300" and failure["reason"].startswith("timed out: no result after 1 s (label.timeout)"), failure
         assert summary["systems"][0]["frames"] == 2 and summary["timeout_s"] == 1.0  # the frames before the hang are kept
         task = tmp_path / "h" / "cu" / "T300"
-        assert all(_gone(int((task / name).read_text())) for name in ("server.pid", "hang.pid"))
+        assert all(_gone(int((task / step / name).read_text())) for step, name in (("step.000001", "server.pid"), ("step.000012", "hang.pid")))
 
         spec = parse_init_spec({"structures": [cu], "perturb": {"count": 2}})
         oracle = {"name": "bad_oracles.HangingEMT", "kwargs": {"hang_in": "sp.00001"}}
         summary = make_init(spec, oracle, ["Cu"], tmp_path / "init.nc", 1, tmp_path / "i", timeout=1.0)
         (failure,) = summary["failures"]
-        assert failure.endswith("#1: timed out: no result after 1 s (label.timeout)"), failure
+        assert failure["source_task"].endswith("#1") and failure["reason"] == "timed out: no result after 1 s (label.timeout)", failure
         assert summary["systems"][0]["frames"] == 2
         assert _gone(int((tmp_path / "i" / "cu" / "scale0" / "sp.00001" / "hang.pid").read_text()))
         assert bystander.poll() is None
