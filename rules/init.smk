@@ -14,7 +14,7 @@ rule init:
         "benchmarks/init.tsv"
     threads: THREADS["label"]
     shell:
-        "dpelt init --spec {params.spec:q} -o {output.frames} --workdir work/init --seed {params.seed} --threads {params.threads} > {log} 2>&1"
+        "OMP_NUM_THREADS={params.threads} dpelt init --spec {params.spec:q} -o {output.frames} --workdir work/init --seed {params.seed} --threads {params.threads} > {log} 2>&1"
 
 
 rule holdout:
@@ -33,4 +33,4 @@ rule holdout:
         "benchmarks/holdout.tsv"
     threads: THREADS["label"]
     shell:
-        "dpelt holdout --spec {params.spec:q} -o {output.frames} --workdir work/holdout --seed {params.seed} --threads {params.threads} > {log} 2>&1"
+        "OMP_NUM_THREADS={params.threads} dpelt holdout --spec {params.spec:q} -o {output.frames} --workdir work/holdout --seed {params.seed} --threads {params.threads} > {log} 2>&1"

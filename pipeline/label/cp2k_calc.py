@@ -187,8 +187,10 @@ def cp2k_calculator(kw: Mapping[str, Any], directory: str | os.PathLike | None =
         print_level=kw["print_level"],
         inp=input_template(kw),
     )
-    label = str(Path(directory or ".").resolve() / "cp2k")
-    return CP2K(command=shell_command(kw), label=label, **params)
+    calc = CP2K(command=shell_command(kw), label="cp2k", **params)
+    calc._shell.send(f"CD {Path(directory or '.').resolve()}")  # (see Cp2kSession.compute)
+    calc._shell.expect("* READY")
+    return calc
 
 
 class Cp2kSession:
@@ -212,7 +214,10 @@ class Cp2kSession:
 
     def _start(self, directory: Path):
         self.starts += 1
-        self.calc = cp2k_calculator(self.kw, directory)
+        try:
+            self.calc = cp2k_calculator(self.kw, directory)
+        except Exception as exc:  # ASE's messages do not say which command failed
+            raise RuntimeError(f"cp2k_shell did not start ({shell_command(self.kw)}): {type(exc).__name__}: {exc}") from None
         return self.calc
 
     def compute(self, atoms: ase.Atoms, directory: str | os.PathLike) -> dict:
@@ -225,7 +230,11 @@ class Cp2kSession:
         try:
             calc = self.calc if self.calc is not None else self._start(directory)
             calc._release_force_env()  # (left by a failed frame) a fresh force environment: no history, own output
-            calc.label = str(directory / "cp2k")
+            # CP2K aborts on a PROJECT name over 80 characters (the label): the shell moves into
+            # the task directory instead, and the files keep the short name cp2k.*
+            calc._shell.send(f"CD {directory}")
+            calc._shell.expect("* READY")
+            calc.label = "cp2k"
             periodic = bool(atoms.pbc.any())
             calc.set(stress_tensor=periodic if self.kw["stress"] is None else bool(self.kw["stress"]) and periodic)
             calc.reset()
