@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -185,6 +186,8 @@ def _cmd_init(args: argparse.Namespace) -> None:
     from .runtime import configure_torch
 
     configure_torch(args.threads)
+    if args.threads:  # the oracle's threads too (cp2k's default command), as the label rule sets them
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     spec = _spec(args.spec, "init")
     init = parse_init_spec(spec.get("init", {}), source="--spec")
     oracle = spec.get("label", {}).get("oracle", {"name": "emt"})
@@ -198,6 +201,8 @@ def _cmd_holdout(args: argparse.Namespace) -> None:
     from .runtime import configure_torch
 
     configure_torch(args.threads)
+    if args.threads:  # the oracle's threads too (cp2k's default command), as the label rule sets them
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     spec = _spec(args.spec, "holdout")
     init = parse_init_spec(spec.get("init", {}), source="--spec")
     h = spec.get("holdout", {})

@@ -14,7 +14,7 @@ rule init:
         "benchmarks/init.tsv"
     threads: THREADS["label"]
     shell:
-        "OMP_NUM_THREADS={params.threads} dpelt init --spec {params.spec:q} -o {output.frames} --workdir work/init --seed {params.seed} --threads {params.threads} > {log} 2>&1"
+        "dpelt init --spec {params.spec:q} -o {output.frames} --workdir work/init --seed {params.seed} --threads {params.threads} > {log} 2>&1"
 
 
 rule holdout:
@@ -33,4 +33,4 @@ rule holdout:
         "benchmarks/holdout.tsv"
     threads: THREADS["label"]
     shell:
-        "OMP_NUM_THREADS={params.threads} dpelt holdout --spec {params.spec:q} -o {output.frames} --workdir work/holdout --seed {params.seed} --threads {params.threads} > {log} 2>&1"
+        "dpelt holdout --spec {params.spec:q} -o {output.frames} --workdir work/holdout --seed {params.seed} --threads {params.threads} > {log} 2>&1"
