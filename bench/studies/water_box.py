@@ -1,10 +1,11 @@
 """Make config/examples/water8.xyz: 8 water molecules in a 6.21 Å cubic box (1.00 g/cm³),
-pre-equilibrated by 0.2 ps of GFN2-xTB Langevin MD at 300 K (tblite), so that the CP2K example's
-initial and held-out oracle MD start from a liquid-like structure, not a lattice of molecules.
+pre-equilibrated by 5 ps of rigid TIP3P Langevin MD at 300 K (ASE's TIP3P, cutoff 3.0 Å: the
+box allows no more; only a cheap way to a disordered, liquid-like start), so that the CP2K
+example's initial and held-out oracle MD do not start from a lattice of molecules.
 
-usage: python bench/studies/water_box.py [--out config/examples/water8.xyz] [--steps 2000]
+usage: python bench/studies/water_box.py [--out config/examples/water8.xyz] [--steps 5000]
 
-Deterministic (seeded); a few minutes on one core. Not a test.
+Deterministic (seeded); seconds. Not a test.
 """
 
 from __future__ import annotations
@@ -37,16 +38,26 @@ def water_grid(n_side: int = 2, length: float = 6.21, seed: int = 0) -> ase.Atom
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="config/examples/water8.xyz")
-    p.add_argument("--steps", type=int, default=400, help="0.5 fs steps")
+    p.add_argument("--steps", type=int, default=5000, help="1 fs steps")
     args = p.parse_args()
-    from tblite.ase import TBLite
+    from ase.calculators.tip3p import TIP3P, angleHOH, rOH
+    from ase.constraints import FixBondLengths
 
     atoms = water_grid()
-    atoms.calc = TBLite(method="GFN2-xTB", verbosity=0)
+    for k in range(0, len(atoms), 3):  # TIP3P geometry, then kept rigid
+        atoms.set_distance(k, k + 1, rOH, fix=0)
+        atoms.set_distance(k, k + 2, rOH, fix=0)
+        atoms.set_angle(k + 1, k, k + 2, angleHOH)
+    atoms.constraints = FixBondLengths([(3 * i + j, 3 * i + (j + 1) % 3) for i in range(len(atoms) // 3) for j in (0, 1, 2)])
+    if args.steps <= 0:
+        ase.io.write(args.out, water_grid(), format="extxyz")
+        print(f"{args.out}: the grid of molecules, no MD")
+        return
+    atoms.calc = TIP3P(rc=3.0, width=0.5)
     rng = np.random.default_rng(1)
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=rng)
     Stationary(atoms)
-    Langevin(atoms, timestep=0.5 * fs, temperature_K=300, friction=0.02, rng=rng).run(args.steps)
+    Langevin(atoms, timestep=1.0 * fs, temperature_K=300, friction=0.02, rng=rng).run(args.steps)
     atoms.wrap()
     out = ase.Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
     ase.io.write(args.out, out, format="extxyz")
