@@ -668,3 +668,31 @@ def test_init_scale_that_squeezes_atoms_is_refused_before_labelling(tmp_path):
     with pytest.raises(ConfigError, match=r"\[init\.scale\[1\]\]: scale 0\.1 puts atoms of 'cu' 0\.255 Å apart"):
         make_init(spec, {"name": dotted(CountingEMT)}, ["Cu"], tmp_path / "init.nc", 1, tmp_path / "work")
     assert CountingEMT.calls == 0 and not (tmp_path / "init.nc").exists()
+
+
+def test_init_and_holdout_label_through_the_label_steps_tasks_and_reuse_them(tmp_path):
+    """init's single points and the init/holdout oracle MD are labeling tasks like the label
+    step's: a rerun recomputes nothing and gives the same bits; a task directory holding the
+    result of another structure (another seed) is not taken for this one."""
+    from pipeline.init_data import OracleMDSpec, make_holdout, make_init, parse_init_spec
+
+    spec = parse_init_spec({"structures": [{"name": "cu", "lattice": "fcc", "elements": ["Cu"], "a": 3.61}], "perturb": {"count": 2}, "md": {"nsteps": 10, "trj_freq": 5}})
+    oracle = {"name": dotted(CountingEMT)}
+    CountingEMT.calls = 0
+    make_init(spec, oracle, ["Cu"], tmp_path / "a" / "init.nc", 1, tmp_path / "work")
+    first = CountingEMT.calls
+    assert first == 3 + 11  # 3 single points, 11 MD calculations (steps 0-10)
+    assert len(list((tmp_path / "work" / "cu" / "md0").glob("step.*/result.json"))) == 11
+    make_init(spec, oracle, ["Cu"], tmp_path / "b" / "init.nc", 1, tmp_path / "work")
+    assert CountingEMT.calls == first  # every label came from its finished task
+    assert (tmp_path / "a" / "init.nc").read_bytes() == (tmp_path / "b" / "init.nc").read_bytes()
+    assert json.loads((tmp_path / "b" / "failures.json").read_text()) == []
+    make_init(spec, oracle, ["Cu"], tmp_path / "c" / "init.nc", 2, tmp_path / "work")  # another seed: other structures
+    assert CountingEMT.calls == 2 * first - 2  # all anew but the unperturbed single point and MD step 0 (same structures)
+    CountingEMT.calls = 0
+    make_holdout(spec, ["cu"], [300.0], 2, OracleMDSpec(trj_freq=5), oracle, ["Cu"], tmp_path / "h1.nc", 1, tmp_path / "hw")
+    n = CountingEMT.calls
+    make_holdout(spec, ["cu"], [300.0], 2, OracleMDSpec(trj_freq=5), oracle, ["Cu"], tmp_path / "h2.nc", 1, tmp_path / "hw")
+    assert n > 0 and CountingEMT.calls == n
+    (a,), (b,) = read_frames(tmp_path / "h1.nc"), read_frames(tmp_path / "h2.nc")
+    assert np.array_equal(a["force"].values, b["force"].values) and np.array_equal(a["coord"].values, b["coord"].values)
