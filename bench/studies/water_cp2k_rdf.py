@@ -4,7 +4,7 @@ model) against a CP2K MD of the same box, the held-out errors, and the wall time
 usage: python bench/studies/water_cp2k_rdf.py RUN_DIR [--cp2k-steps 200] [--dp-steps 4000]
            [--out docs/water_cp2k_rdf.png] [--json bench/results/water_cp2k.json]
 
-RUN_DIR is a finished `snakemake --configfile config/examples/water-cp2k.yaml` directory. The
+RUN_DIR is a (finished, or else the latest trained iteration is used) `snakemake --configfile config/examples/water-cp2k.yaml` directory. The
 CP2K MD uses the run's own oracle settings through dpelt's labeling code (each step a cached
 task under RUN_DIR/work/rdf_cp2k: an interrupted run continues where it stopped); both MDs are
 Langevin at 300 K with 0.5 fs (DP) and 1 fs (CP2K) steps from config/examples/water8.xyz.
@@ -101,9 +101,9 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=ROOT / "bench/results/water_cp2k.json")
     args = p.parse_args()
     run = args.run.resolve()
-    summary = json.loads((run / "reports/summary.json").read_text())
-    last = sorted((run / "iter").iterdir())[-1]
-    model = sorted((last / "train").glob("*/model.pt"))[0]
+    summary_path = run / "reports/summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None  # None: the run has not finished
+    model = sorted(run.glob("iter/*/train/0/model.pt"))[-1]  # member 0 of the latest trained iteration
     dp = dp_md(model, args.dp_steps)
     cp = cp2k_md(run, args.cp2k_steps)
     r, g_dp = oo_rdf(dp[len(dp) // 4:])
