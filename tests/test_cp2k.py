@@ -276,3 +276,35 @@ def test_a_tiny_loop_labelled_by_cp2k(tmp_path):
         assert "virial" in ds and np.isfinite(ds["virial"].values).all(), path
     assert json.loads((run / "data/init/failures.json").read_text()) == []
     assert len(list((run / "iter/000/label/tasks").iterdir())) == summary["total"]
+
+
+@needs_cp2k
+def test_a_cancelled_label_job_stops_its_cp2k_shell(tmp_path):
+    """SIGTERM to `dpelt label` (Snakemake or Slurm cancelling the job) used to leave cp2k_shell
+    running, orphaned; now the session stops it, and the frame is neither failed nor counted as
+    a death of the labeler."""
+    import signal
+    import subprocess
+    import sys
+
+    cand = _candidates(tmp_path / "cand.nc", [water_cell()])
+    kw = json.dumps(CHEAP | {"cutoff_Ry": 400, "basis_set": "DZVP-MOLOPT-SR-GTH"})
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dpelt"), "label", str(cand), "-o", str(tmp_path / "out"), "--oracle", "cp2k", "--oracle-kwargs", kw])
+    try:
+        shells: list[int] = []
+        deadline = time.monotonic() + 60
+        while not shells and time.monotonic() < deadline:
+            time.sleep(0.2)
+            shells = [p for p in descendants(proc.pid) if "cp2k" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        assert shells, "no cp2k_shell started"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) != 0
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 15
+    while not all(_gone(p) for p in shells) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(_gone(p) for p in shells)
+    (task,) = (tmp_path / "out" / "tasks").iterdir()
+    assert not (task / "result.json").exists() and not (task / "started").exists()

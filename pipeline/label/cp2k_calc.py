@@ -247,7 +247,7 @@ class Cp2kSession:
         except BaseException as exc:
             died = self._exit_code()
             self.stop()
-            if died is not None and not isinstance(exc, (KeyboardInterrupt,)) and exc.__class__.__name__ != "LabelTimeout":
+            if died is not None and isinstance(exc, Exception):  # (not a timeout, SIGTERM or Ctrl-C: those say more)
                 raise RuntimeError(f"cp2k_shell ({shell_command(self.kw)}) died with exit code {died}{_tail(directory / OUTPUT)}") from None
             raise
         result["converged"] = read_scf_converged(out, offset)

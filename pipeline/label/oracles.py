@@ -36,6 +36,8 @@ import functools
 import importlib
 import inspect
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -46,7 +48,7 @@ from ase.calculators.calculator import PropertyNotImplementedError
 from ase.data import atomic_numbers
 
 from ..errors import ConfigError
-from .timeout import running_children
+from .timeout import kill_descendants, running_children
 from .validate import scf_converged
 
 BUILTIN = ("emt", "xtb", "pyscf", "cp2k")
@@ -173,12 +175,23 @@ class Oracle:
                     pass
 
 
+class Terminated(BaseException):
+    """The labeler got SIGTERM (a cancelled Snakemake or Slurm job): raised where it runs, so that
+    the session stops its code server (which would otherwise go on computing, orphaned)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(f"terminated by signal {signum}")
+
+
 class OracleSession:
     """The frames of one job go through here (:meth:`Oracle.session`).
 
     ``spare``: the processes that ran before the session began; a label's time limit kills
     every other process below the labeler, so a hung code server the session started is
-    stopped too (and the session starts a new one for the next frame).
+    stopped too (and the session starts a new one for the next frame). SIGTERM (in the main
+    thread) raises :class:`Terminated`: the session stops its server and the processes its
+    calculators started, and the job ends with the exception.
     """
 
     def __init__(self, oracle: Oracle, server: Any):
@@ -188,11 +201,20 @@ class OracleSession:
 
     def __enter__(self) -> "OracleSession":
         self.spare = running_children()
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, _terminate)
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self.server is not None:
-            self.server.stop()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.server is not None:
+                self.server.stop()
+            if exc_type is Terminated:  # what the calculators started dies with the job
+                kill_descendants(spare=self.spare)
+        finally:
+            if self._previous is not None:
+                signal.signal(signal.SIGTERM, self._previous)
 
     def compute(self, atoms: ase.Atoms, directory: str | os.PathLike | None = None) -> dict:
         """Label one structure; see :meth:`Oracle.compute`."""
