@@ -10,7 +10,9 @@ task under RUN_DIR/work/rdf_cp2k: an interrupted run continues where it stopped)
 Langevin at 300 K with 0.5 fs (DP) and 1 fs (CP2K) steps from config/examples/water8.xyz.
 g(r) counts O–O pairs of all periodic images up to 6 Å (the box is 6.21 Å: beyond L/2 the
 periodic copies are part of what is counted), averaged over the frames after the first
-quarter. Not a test: minutes of CP2K.
+quarter. The CP2K MD frames (another trajectory than any the loop labelled) also serve as a
+held-out set: errors of each member of the latest ensemble and of its mean on them. Not a test:
+minutes of CP2K.
 """
 
 from __future__ import annotations
@@ -81,6 +83,34 @@ def dp_md(model: Path, steps: int) -> list:
     return frames
 
 
+def errors_on(frames: list, models: list[Path]) -> dict:
+    """RMSE of each model and of the ensemble mean on CP2K-labelled ``frames``: energy per atom
+    (eV/atom, after removing the mean offset as DeePMD's held-out tests do not: both given) and
+    force components (eV/Å)."""
+    from pipeline.calculator import DeepPotCalculator
+
+    e_ref = np.array([a.get_potential_energy() for a in frames])
+    f_ref = np.stack([a.get_forces() for a in frames])
+    n = len(frames[0])
+    preds = []
+    for m in models:
+        calc = DeepPotCalculator(str(m))
+        e, f = [], []
+        for a in frames:
+            b = a.copy()
+            b.calc = calc
+            e.append(b.get_potential_energy())
+            f.append(b.get_forces())
+        preds.append((np.array(e), np.stack(f)))
+    out = {}
+    for name, (e, f) in [(m.parent.name, p) for m, p in zip(models, preds)] + [("mean", (np.mean([p[0] for p in preds], 0), np.mean([p[1] for p in preds], 0)))]:
+        de = (e - e_ref) / n
+        out[name] = {"rmse_e_per_atom": float(np.sqrt(np.mean(de**2))), "rmse_e_per_atom_offset_removed": float(np.std(de)), "rmse_f": float(np.sqrt(np.mean((f - f_ref) ** 2)))}
+    out["frames"] = len(frames)
+    out["force_std_cp2k"] = float(np.std(f_ref))
+    return out
+
+
 def wall_times(run: Path) -> dict[str, float]:
     """Seconds by kind of job from Snakemake's benchmarks/ files (s column)."""
     out: dict[str, float] = {}
@@ -104,6 +134,7 @@ def main() -> None:
     summary_path = run / "reports/summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None  # None: the run has not finished
     model = sorted(run.glob("iter/*/train/0/model.pt"))[-1]  # member 0 of the latest trained iteration
+    members = sorted(model.parent.parent.glob("*/model.pt"))
     dp = dp_md(model, args.dp_steps)
     cp = cp2k_md(run, args.cp2k_steps)
     r, g_dp = oo_rdf(dp[len(dp) // 4:])
@@ -129,11 +160,12 @@ def main() -> None:
         "summary": summary,
         "wall_s": wall_times(run),
         "rdf": {"r": r.tolist(), "g_cp2k": g_cp.tolist(), "g_dp": g_dp.tolist(), "cp2k_frames": len(cp), "dp_frames": len(dp), "model": str(model.relative_to(run))},
+        "cp2k_md_errors": errors_on(cp, members),
         "rdf_first_peak": {"cp2k": [float(r[np.argmax(g_cp)]), float(g_cp.max())], "dp": [float(r[np.argmax(g_dp)]), float(g_dp.max())]},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("wall_s", "rdf_first_peak")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("wall_s", "rdf_first_peak", "cp2k_md_errors")}, indent=1))
 
 
 if __name__ == "__main__":
