@@ -1,23 +1,30 @@
-"""dpelt vs DeePMD-kit on DeePMD-kit's water example, in one run (not a test).
+"""dpelt vs the fastest DeePMD-kit on DeePMD-kit's water example, in one run (not a test).
 
-usage: python bench/water.py [--steps 1500] [--threads 2] [--data ../shared/data/water]
-                             [--venv bench/work/deepmd-venv] [--skip-deepmd]
-                             [--speed-rounds 3] [--round-steps 300]
+usage: python bench/water.py [--steps 1500] [--threads 2] [--rounds 3] [--round-steps 300]
+                             [--backends tf] [--dpelt-compress] [--data ../shared/data/water]
+                             [--tf-venv /root/.cache/dpelt/deepmd-tf-venv] [--pt-venv ...]
 
-Both codes train the example's se_e2_a model (rcut 6.0, rcut_smth 0.5, sel [46, 92],
-neuron [25, 50, 100], axis_neuron 16, fitting [240, 240, 240], resnet_dt, start_lr 1e-3 →
-stop_lr 3.51e-8, pref_e 0.02→1, pref_f 1000→1) from the *same* input.json on data_0–2, validate
-on data_3, for the same number of steps with the same threads; DeePMD-kit is installed from
-PyPI into its own virtual environment (bench/deepmd/setup_venv.sh) beside torch 2.13.0.
+Every code trains the example's se_e2_a model (rcut 6.0, rcut_smth 0.5, sel [46, 92], neuron
+[25, 50, 100], axis_neuron 16, fitting [240, 240, 240], resnet_dt, start_lr 1e-3 → stop_lr
+3.51e-8, pref_e 0.02→1, pref_f 1000→1) from the *same* input.json on data_0–2, validates on data_3,
+for --steps steps with --threads threads (the main run: accuracy on data_3, start-up, peak RSS).
+DeePMD-kit runs in its own venvs (bench/deepmd/setup_tf_venv.sh, setup_venv.sh for --backends pt).
 
-Reported (bench/results/water.json): training steps/s (steady state, validation included as
-both codes do it), start-up time, accuracy on data_3 after the same steps (dpelt test / dp test),
-energy+force+virial evaluations × atoms per second and ASE MD atom·steps/s on the 192-atom box,
-peak RSS — each with the ratio dpelt / DeePMD-kit. Absolute times on a shared 2-core machine are
-noisy (the same code measures ±10 % apart in runs an hour apart), so after the main run both
-codes repeat their speed measurements --speed-rounds times, interleaved (inference and MD on the
-trained models, a --round-steps training run); "speed" in the JSON holds every measurement and
-the ratios of the best and of the median of each code.
+Columns (each a code and a model form):
+* ``dpelt``: `dpelt train`, the model it writes evaluated by bench/dpelt_infer.py;
+* ``dpelt-compressed`` (--dpelt-compress): the same model through dpelt's compressed
+  (tabulated) inference: bench/dpelt_infer.py ``--compress`` (inference and MD only);
+* ``deepmd-tf``: `dp --tf train` / freeze (the fastest DeePMD-kit on CPUs);
+* ``deepmd-tf-compressed``: that model after `dp --tf compress` (inference and MD only);
+* ``deepmd-pt`` (--backends tf pt): `dp --pt train` / freeze.
+
+Speeds (training steps/s, energy+forces+virial atom·evals/s and ASE MD atom·steps/s on the
+192-atom box) are measured again in --rounds interleaved rounds after the main run (inference
+and MD on the main run's models, a --round-steps training run), the column order rotating; the
+main run's figures count as one more measurement. Reported: best and median per column, and the
+ratios dpelt / fastest DeePMD-kit of each figure: training against deepmd-tf, inference and MD
+against deepmd-tf-compressed (and dpelt-compressed against it when present).
+Writes bench/results/water.json.
 """
 
 from __future__ import annotations
@@ -25,17 +32,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-REFERENCE = ROOT.parent / "shared" / "reference" / "deepmd-water-se_e2_a.input.json"
+sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
+
+REFERENCE = harness.SHARED / "reference" / "deepmd-water-se_e2_a.input.json"
+DEFAULT_VENVS = {"tf": Path("/root/.cache/dpelt/deepmd-tf-venv"), "pt": Path("/root/.cache/dpelt/deepmd-pt-venv")}
+SETUP = {"tf": HERE / "deepmd" / "setup_tf_venv.sh", "pt": HERE / "deepmd" / "setup_venv.sh"}
+#: bench/dpelt_infer.py's arguments selecting the uncompressed (False) or compressed (True) model form
+DPELT_INFER_ARGS = {False: [], True: ["--compress"]}
+SPEEDS = ["train_steps_per_s", "infer_atom_evals_per_s", "md_atom_steps_per_s"]
+#: (numerator column, denominator column, figures): what "dpelt / fastest DeePMD-kit" compares
+RATIOS = [("dpelt", "deepmd-tf", ["train_steps_per_s"]),
+          ("dpelt", "deepmd-tf-compressed", ["infer_atom_evals_per_s", "md_atom_steps_per_s"]),
+          ("dpelt-compressed", "deepmd-tf-compressed", ["infer_atom_evals_per_s", "md_atom_steps_per_s"]),
+          ("dpelt", "deepmd-pt", SPEEDS)]
 
 
 def water_input(data: Path, steps: int) -> dict:
@@ -52,200 +70,165 @@ def water_input(data: Path, steps: int) -> dict:
     return cfg
 
 
-def timed(cmd: list[str], cwd: Path, env: dict, log: Path) -> tuple[float, int]:
-    """Run ``cmd``; return (wall seconds, peak RSS kB of the child)."""
-    t = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.run(["/usr/bin/time", "-v"] + cmd if Path("/usr/bin/time").exists() else cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
-    rss = 0
-    for line in log.read_text().splitlines():
-        if "Maximum resident set size" in line:
-            rss = int(line.split(":")[1])
-    return wall, rss
+def dpelt_env(threads: int) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), DPELT_THREADS=str(threads))
 
 
-def run_dpelt(data: Path, work: Path, steps: int, threads: int) -> dict:
+def dpelt_train(data: Path, work: Path, steps: int, threads: int) -> dict:
+    """`dpelt train` for ``steps`` steps in WORK: speed, start-up, wall and peak RSS."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "input.json").write_text(json.dumps(water_input(data, steps), indent=2))
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), DPELT_THREADS=str(threads))
     dpelt = str(Path(sys.executable).parent / "dpelt")
-    wall, rss = timed([dpelt, "train", "input.json", "-o", "out", "--threads", str(threads), "--timing", "timing.json"], work, env, work / "train.log")
+    cmd = [dpelt, "train", "input.json", "-o", "out", "--threads", str(threads), "--timing", "timing.json"]
+    if Path("/usr/bin/time").exists():
+        cmd = ["/usr/bin/time", "-v"] + cmd
+    proc = harness.run(cmd, cwd=work, env=dpelt_env(threads), log=work / "train.log")
     timing = json.loads((work / "timing.json").read_text())
-    subprocess.run([dpelt, "test", "-m", "out/model.pt", "-s", str(data / "data_3"), "-o", "test.json", "--plot", "parity.png", "--threads", str(threads)], cwd=work, env=env, check=True, capture_output=True)
+    rss = next((int(line.split(":")[1]) for line in proc.stderr.splitlines() if "Maximum resident set size" in line), None)
+    return {"train_steps_per_s": timing["steady_steps_per_s"], "train_startup_s": timing["launch_to_first_step_s"],
+            "train_wall_s": timing["total_s"], "train_peak_rss_kb": rss}
+
+
+def dpelt_infer(model: Path, data: Path, work: Path, threads: int, compress: bool) -> dict:
+    """bench/dpelt_infer.py on MODEL (``--compress``: dpelt's tabulated embedding)."""
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / ("infer-compressed.json" if compress else "infer.json")
+    cmd = [sys.executable, str(HERE / "dpelt_infer.py"), str(model), str(data / "data_3"), str(out), "--threads", str(threads)]
+    harness.run(cmd + DPELT_INFER_ARGS[compress], cwd=work, env=dpelt_env(threads))
+    res = json.loads(out.read_text())
+    return {"infer_atom_evals_per_s": res["atom_evals_per_s"], "md_atom_steps_per_s": res["md_atom_steps_per_s"],
+            "md_energy_drift_eV_per_atom": res["md_energy_drift_eV_per_atom"], "infer_peak_rss_kb": res["peak_rss_kb"]}
+
+
+def dpelt_test(model: Path, data: Path, work: Path, threads: int) -> dict:
+    dpelt = str(Path(sys.executable).parent / "dpelt")
+    harness.run([dpelt, "test", "-m", str(model), "-s", str(data / "data_3"), "-o", "test.json", "--threads", str(threads)], cwd=work, env=dpelt_env(threads))
     test = json.loads((work / "test.json").read_text())["overall"]
-    subprocess.run([sys.executable, str(HERE / "dpelt_infer.py"), "out/model.pt", str(data / "data_3"), "infer.json", "--threads", str(threads)], cwd=work, env=env, check=True, capture_output=True)
-    infer = json.loads((work / "infer.json").read_text())
-    return {
-        "train_steps_per_s": timing["steady_steps_per_s"],
-        "train_startup_s": timing["launch_to_first_step_s"],
-        "train_wall_s": wall,
-        "train_peak_rss_kb": rss,
-        "test_rmse_e_per_atom_eV": test["energy_rmse_per_atom"],
-        "test_mae_e_per_atom_eV": test["energy_mae_per_atom"],
-        "test_rmse_f_eV_per_A": test["force_rmse"],
-        "test_mae_f_eV_per_A": test["force_mae"],
-        "infer_atom_evals_per_s": infer["atom_evals_per_s"],
-        "md_atom_steps_per_s": infer["md_atom_steps_per_s"],
-        "md_energy_drift_eV_per_atom": infer["md_energy_drift_eV_per_atom"],
-        "infer_peak_rss_kb": infer["peak_rss_kb"],
-        "fused_embedding_kernel": infer["fused_embedding_kernel"],
-    }
+    return {"test_rmse_e_per_atom_eV": test["energy_rmse_per_atom"], "test_rmse_f_eV_per_A": test["force_rmse"]}
 
 
-def run_deepmd(data: Path, work: Path, steps: int, threads: int, venv: Path) -> dict:
-    if not (venv / "bin" / "dp").exists():
-        subprocess.run(["bash", str(HERE / "deepmd" / "setup_venv.sh"), str(venv)], check=True)
-    out = work / "deepmd.json"
-    cmd = [str(venv / "bin" / "python"), str(HERE / "deepmd" / "run_deepmd.py"), "--data", str(data), "--steps", str(steps), "--work", str(work), "--out", str(out), "--threads", str(threads)]
-    subprocess.run(cmd, check=True)
+def deepmd_run(venv: Path, backend: str, mode: str, data: Path, work: Path, steps: int, threads: int, model: Path | None = None) -> dict:
+    """bench/deepmd/run_deepmd.py in VENV (``mode`` all, train or infer)."""
+    out = work / f"{mode}.json"
+    cmd = [str(venv / "bin" / "python"), str(HERE / "deepmd" / "run_deepmd.py"), "--backend", backend, "--mode", mode,
+           "--data", str(data), "--steps", str(steps), "--work", str(work / mode), "--out", str(out), "--threads", str(threads),
+           "--example", str(REFERENCE)]
+    harness.run(cmd + (["--model", str(model)] if model else []), log=work / f"{mode}.log")
     return json.loads(out.read_text())
 
 
-def dpelt_speed_round(data: Path, work: Path, model: Path, threads: int, train_steps: int) -> dict:
-    """One repeat of dpelt's speed measurements: inference/MD on MODEL, a short training run."""
-    work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), DPELT_THREADS=str(threads))
-    subprocess.run([sys.executable, str(HERE / "dpelt_infer.py"), str(model), str(data / "data_3"), "infer.json", "--threads", str(threads)], cwd=work, env=env, check=True, capture_output=True)
-    infer = json.loads((work / "infer.json").read_text())
-    (work / "input.json").write_text(json.dumps(water_input(data, train_steps), indent=2))
-    dpelt = str(Path(sys.executable).parent / "dpelt")
-    subprocess.run([dpelt, "train", "input.json", "-o", "out", "--threads", str(threads), "--timing", "timing.json"], cwd=work, env=env, check=True, capture_output=True)
-    timing = json.loads((work / "timing.json").read_text())
-    return {"train_steps_per_s": timing["steady_steps_per_s"], "infer_atom_evals_per_s": infer["atom_evals_per_s"], "md_atom_steps_per_s": infer["md_atom_steps_per_s"]}
+def ensure_venv(backend: str, venv: Path) -> None:
+    if not (venv / "bin" / "dp").exists():
+        subprocess.run(["bash", str(SETUP[backend]), str(venv)], check=True)
 
 
-def deepmd_speed_round(data: Path, work: Path, model: Path, threads: int, train_steps: int, venv: Path) -> dict:
-    """One repeat of DeePMD-kit's speed measurements (run_deepmd.py --mode infer, --mode train)."""
-    work.mkdir(parents=True, exist_ok=True)
-    py, script = str(venv / "bin" / "python"), str(HERE / "deepmd" / "run_deepmd.py")
-    common = ["--data", str(data), "--threads", str(threads)]
-    subprocess.run([py, script, *common, "--mode", "infer", "--model", str(model), "--steps", "1", "--work", str(work / "infer"), "--out", str(work / "infer.json")], check=True, capture_output=True)
-    subprocess.run([py, script, *common, "--mode", "train", "--steps", str(train_steps), "--work", str(work / "train"), "--out", str(work / "train.json")], check=True, capture_output=True)
-    infer = json.loads((work / "infer.json").read_text())
-    train = json.loads((work / "train.json").read_text())
-    return {"train_steps_per_s": train["train_steps_per_s"], "infer_atom_evals_per_s": infer["infer_atom_evals_per_s"], "md_atom_steps_per_s": infer["md_atom_steps_per_s"]}
+class Columns:
+    """The main run and the speed repeats of every column; models from the main run."""
+
+    def __init__(self, args, work: Path):
+        self.a, self.work = args, work
+        self.names = ["dpelt"] + (["dpelt-compressed"] if args.dpelt_compress else [])
+        for b in args.backends:
+            self.names += [f"deepmd-{b}"] + (["deepmd-tf-compressed"] if b == "tf" else [])
+        self.models: dict[str, Path] = {}
+
+    def main_run(self) -> dict:
+        a, out = self.a, {}
+        print(f"dpelt: training {a.steps} steps ...", flush=True)
+        d = self.work / "dpelt"
+        out["dpelt"] = dpelt_train(a.data, d, a.steps, a.threads)
+        self.models["dpelt"] = d / "out" / "model.pt"
+        out["dpelt"].update(dpelt_test(self.models["dpelt"], a.data, d, a.threads))
+        out["dpelt"].update(dpelt_infer(self.models["dpelt"], a.data, d, a.threads, False))
+        if a.dpelt_compress:
+            self.models["dpelt-compressed"] = self.models["dpelt"]
+            out["dpelt-compressed"] = dpelt_infer(self.models["dpelt"], a.data, d, a.threads, True)
+        for b in a.backends:
+            print(f"DeePMD-kit {b}: training {a.steps} steps ...", flush=True)
+            venv = a.tf_venv if b == "tf" else a.pt_venv
+            ensure_venv(b, venv)
+            res = deepmd_run(venv, b, "all", a.data, self.work / f"deepmd-{b}", a.steps, a.threads)
+            keep = ("train_", "test_rmse", "infer_atom_evals_per_s", "md_atom_steps_per_s", "md_energy_drift", "infer_peak_rss_kb", "compress_")
+            out[f"deepmd-{b}"] = {k: v for k, v in res.items() if k.startswith(keep) and not isinstance(v, list)}
+            self.models[f"deepmd-{b}"] = self.work / f"deepmd-{b}" / "all" / ("model.pb" if b == "tf" else "model.pth")
+            if b == "tf":
+                out["deepmd-tf-compressed"] = {k[len("compressed_"):]: v for k, v in res.items() if k.startswith("compressed_") and not isinstance(v, list)}
+                self.models["deepmd-tf-compressed"] = self.work / "deepmd-tf" / "all" / "model-compressed.pb"
+        return out
+
+    def speed_round(self, name: str, r: int) -> dict:
+        """One repeat of NAME's speed measurements (a training run for trainable columns)."""
+        a = self.a
+        rdir = self.work / f"round{r}" / name
+        if rdir.exists():
+            shutil.rmtree(rdir)
+        if name.startswith("dpelt"):
+            res = dpelt_infer(self.models[name], a.data, rdir, a.threads, name == "dpelt-compressed")
+            if name == "dpelt":
+                res.update(dpelt_train(a.data, rdir / "train", a.round_steps, a.threads))
+            return {k: res[k] for k in SPEEDS if k in res}
+        b = "tf" if "-tf" in name else "pt"
+        venv = a.tf_venv if b == "tf" else a.pt_venv
+        res = deepmd_run(venv, b, "infer", a.data, rdir, 1, a.threads, self.models[name])
+        if not name.endswith("compressed"):
+            res.update(deepmd_run(venv, b, "train", a.data, rdir, a.round_steps, a.threads))
+        return {k: res[k] for k in SPEEDS if k in res}
 
 
-SPEEDS = ("train_steps_per_s", "infer_atom_evals_per_s", "md_atom_steps_per_s")
+def check_dpelt_compress() -> None:
+    """--dpelt-compress needs bench/dpelt_infer.py to know --compress (dpelt's tabulated inference)."""
+    helptext = subprocess.run([sys.executable, str(HERE / "dpelt_infer.py"), "--help"], capture_output=True, text=True).stdout
+    if "--compress" not in helptext:
+        sys.exit("--dpelt-compress: bench/dpelt_infer.py has no --compress option (dpelt's compressed inference has not landed)")
 
 
-def speed_summary(result: dict, rounds: list[dict]) -> dict:
-    """Per code and speed: every measurement (main run first, then the rounds), its best and median;
-    the ratios dpelt / DeePMD-kit of the bests and of the medians."""
-    out: dict = {}
-    for code in ("dpelt", "deepmd"):
-        out[code] = {}
-        for key in SPEEDS:
-            vals = [result[code][key]] + [r[code][key] for r in rounds]
-            out[code][key] = {"all": vals, "best": max(vals), "median": statistics.median(vals)}
-    out["ratio_of_best"] = {k: out["dpelt"][k]["best"] / out["deepmd"][k]["best"] for k in SPEEDS}
-    out["ratio_of_median"] = {k: out["dpelt"][k]["median"] / out["deepmd"][k]["median"] for k in SPEEDS}
-    return out
-
-
-RATIOS = {  # key: True when larger is better
-    "train_steps_per_s": True,
-    "infer_atom_evals_per_s": True,
-    "md_atom_steps_per_s": True,
-    "train_startup_s": False,
-    "train_peak_rss_kb": False,
-    "infer_peak_rss_kb": False,
-    "test_rmse_e_per_atom_eV": False,
-    "test_rmse_f_eV_per_A": False,
-}
+def summarise(result: dict, rounds: list[dict], names: list[str]) -> None:
+    """Best/median per column and figure (main run + rounds) and the dpelt / DeePMD-kit ratios."""
+    every = [{n: result["main"][n] for n in names}] + rounds
+    speed = {n: {k: harness.best_median([r[n][k] for r in every if k in r[n]]) for k in SPEEDS if any(k in r[n] for r in every)} for n in names}
+    result["speed"] = speed
+    result["ratios"] = {}
+    for num, den, keys in RATIOS:
+        if num in speed and den in speed:
+            r = harness.ratios({num: {k: speed[num][k] for k in keys if k in speed[num]}, den: speed[den]}, num, den)
+            if r:
+                result["ratios"][f"{num} / {den}"] = r
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=1500, help="training steps of the main run")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "water")
-    ap.add_argument("--venv", type=Path, default=HERE / "work" / "deepmd-venv")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved speed repeats after the main run")
+    ap.add_argument("--round-steps", type=int, default=300, help="training steps of a speed repeat (>= 200: DeePMD-kit logs every 100)")
+    ap.add_argument("--backends", nargs="*", default=["tf"], choices=["tf", "pt"], help="DeePMD-kit backends to compare with (none: dpelt only)")
+    ap.add_argument("--dpelt-compress", action="store_true", help="add the dpelt-compressed column (dpelt_infer.py --compress)")
+    ap.add_argument("--data", type=Path, default=harness.SHARED / "data" / "water")
+    ap.add_argument("--tf-venv", type=Path, default=DEFAULT_VENVS["tf"])
+    ap.add_argument("--pt-venv", type=Path, default=DEFAULT_VENVS["pt"])
     ap.add_argument("--work", type=Path, default=HERE / "work" / "water")
-    ap.add_argument("--skip-deepmd", action="store_true", help="only dpelt (no ratios)")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "water.json")
-    ap.add_argument("--speed-rounds", type=int, default=3, help="extra interleaved speed repeats of both codes")
-    ap.add_argument("--round-steps", type=int, default=300, help="training steps of a speed repeat")
-    ap.add_argument("--rounds-only", action="store_true", help="add speed repeats to an existing --out of the same --steps (its trained models are reused)")
+    ap.add_argument("--out", type=Path, default=harness.RESULTS / "water.json")
     args = ap.parse_args()
+    args.data = args.data.resolve()
     if not (args.data / "data_0" / "type.raw").exists():
         sys.exit(f"water data not found at {args.data}")
+    if args.dpelt_compress:
+        check_dpelt_compress()
     work = args.work / f"steps{args.steps}"
-    if args.rounds_only:
-        result = json.loads(args.out.read_text())
-        if result.get("steps") != args.steps or "deepmd" not in result:
-            sys.exit(f"{args.out} is not a finished run with --steps {args.steps}")
-        speed_rounds(args, work, result, earlier_rounds(result))
-        write_result(args.out, result)
-        return
     if work.exists():
         shutil.rmtree(work)
-    result = {
-        "what": "dpelt vs DeePMD-kit (PyTorch backend), water se_e2_a example input, same steps and threads, run back to back",
-        "command": f"python bench/water.py --steps {args.steps} --threads {args.threads} --speed-rounds {args.speed_rounds} --round-steps {args.round_steps}",
-        "steps": args.steps,
-        "threads": args.threads,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    print(f"dpelt: training {args.steps} steps ...", flush=True)
-    result["dpelt"] = run_dpelt(args.data, work / "dpelt", args.steps, args.threads)
-    print(json.dumps(result["dpelt"], indent=2), flush=True)
-    if not args.skip_deepmd:
-        print(f"DeePMD-kit: training {args.steps} steps ...", flush=True)
-        result["deepmd"] = run_deepmd(args.data, work / "deepmd", args.steps, args.threads, args.venv)
-        result["ratio_dpelt_over_deepmd"] = {k: result["dpelt"][k] / result["deepmd"][k] for k in RATIOS if result["deepmd"].get(k)}
-        print(json.dumps(result["ratio_dpelt_over_deepmd"], indent=2))
-        speed_rounds(args, work, result)
-    write_result(args.out, result)
-
-
-def earlier_rounds(result: dict) -> list[dict]:
-    """The speed rounds already in a result (files written before rounds were kept: from the lists)."""
-    speed = result.get("speed")
-    if not speed:
-        return []
-    if "rounds" in speed:
-        return list(speed["rounds"])
-    n = len(speed["dpelt"][SPEEDS[0]]["all"]) - 1
-    return [{code: {k: speed[code][k]["all"][i + 1] for k in SPEEDS} for code in ("dpelt", "deepmd")} for i in range(n)]
-
-
-def speed_rounds(args, work: Path, result: dict, earlier: list[dict] | None = None) -> None:
-    """--speed-rounds interleaved repeats of both codes' speed measurements into result["speed"],
-    after the ``earlier`` rounds (--rounds-only adds to them)."""
-    rounds = list(earlier or [])
-    dates = list(result.get("speed", {}).get("rounds_dates", [])) if earlier else []
-    for r in range(len(rounds), len(rounds) + args.speed_rounds):  # alternate which code goes first
-        print(f"speed round {r + 1}/{len(rounds) + args.speed_rounds} ...", flush=True)
-        one = {}
-        for code in (("dpelt", "deepmd") if r % 2 else ("deepmd", "dpelt")):
-            rdir = work / f"round{r}" / code
-            if rdir.exists():
-                shutil.rmtree(rdir)
-            if code == "dpelt":
-                one[code] = dpelt_speed_round(args.data, rdir, work / "dpelt" / "out" / "model.pt", args.threads, args.round_steps)
-            else:
-                one[code] = deepmd_speed_round(args.data, rdir, work / "deepmd" / "model.pth", args.threads, args.round_steps, args.venv)
-        rounds.append(one)
-        print(json.dumps(one), flush=True)
-    dates.append(time.strftime("%Y-%m-%d %H:%M"))
-    result["speed"] = speed_summary(result, rounds)
-    result["speed"]["rounds"] = rounds
-    result["speed"]["round_train_steps"] = args.round_steps
-    result["speed"]["rounds_dates"] = dates
-    print(json.dumps({k: result["speed"][k] for k in ("ratio_of_best", "ratio_of_median")}, indent=2))
-
-
-def write_result(out: Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    cols = Columns(args, work)
+    result = harness.new_result("water", " ".join(["python", "bench/water.py"] + sys.argv[1:]), args.threads,
+                                what="dpelt vs DeePMD-kit (TF, TF compressed), water se_e2_a example input, same steps and threads",
+                                steps=args.steps, round_steps=args.round_steps, columns=cols.names, speed_keys=SPEEDS)
+    result["main"] = cols.main_run()
+    print(json.dumps(result["main"], indent=1), flush=True)
+    cases = {n: (lambda r, n=n: cols.speed_round(n, r)) for n in cols.names}
+    rounds = harness.interleaved(cases, args.rounds)
+    result["rounds"] = rounds
+    summarise(result, [{n: r[n] for n in cols.names} for r in rounds], cols.names)
+    print(json.dumps(result["ratios"], indent=1))
+    harness.write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
 from water import water_input  # noqa: E402
 
 from pipeline.fileio import write_text_atomic  # noqa: E402
@@ -161,7 +162,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "water")
+    ap.add_argument("--data", type=Path, default=harness.SHARED / "data" / "water")
     ap.add_argument("--venv", type=Path, default=HERE / "work" / "deepmd-venv")
     ap.add_argument("--work", type=Path, default=HERE / "work" / "water_seeds")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "water_seeds.json")

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 from .errors import DpeltError
 from .interop.cli import add_interop_parsers
-from .label.cli import TIMEOUT_HELP, add_label_parser, label_timeout
+from .label.cli import TIMEOUT_HELP, add_label_parser, seconds_or_none
 
 
 def _spec(text: str | None, what: str) -> dict:
@@ -31,6 +31,15 @@ def _spec(text: str | None, what: str) -> dict:
     if not isinstance(data, dict):
         raise DpeltError("--spec must be a JSON object", key=what)
     return data
+
+
+def _default(value, key: str):
+    """An option's value, else the run config schema's default of ``key`` (the one place defaults live)."""
+    if value is not None:
+        return value
+    from .runconfig import schema_default
+
+    return schema_default(key)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -59,7 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     cfg = replace(cfg, training=t)
     if args.start_lr is not None:
         cfg = replace(cfg, learning_rate=replace(cfg.learning_rate, start_lr=args.start_lr))
-    train(cfg, args.output, init_model=args.init_model, restart=args.restart, threads=args.threads, timing=args.timing, resume=args.resume)
+    train(cfg, args.output, init_model=args.init_model, restart=args.restart, threads=args.threads, timing=args.timing, resume=args.resume, refit_bias=args.refit_bias)
 
 
 def _cmd_freeze(args: argparse.Namespace) -> None:
@@ -122,37 +131,88 @@ def _load_frame(path: str, index: int | None, system: str | None = None, seed: i
     raise DpeltError("has fewer frames than the index asked for", path=path, key="frame")
 
 
-def _cmd_explore(args: argparse.Namespace) -> None:
-    from .calculator import EnsembleCalculator
+#: ``dpelt explore`` options -> keys of the task spec (None: not given, the schema's default applies)
+_EXPLORE_OPTIONS = {
+    "temp": "temperature_K", "press": "pressure_bar", "nsteps": "nsteps", "ensemble": "ensemble", "trj_freq": "trj_freq",
+    "dt": "dt_fs", "tau_t": "tau_t_fs", "tau_p": "tau_p_fs", "drive": "drive", "trust_lo": "trust_lo", "trust_hi": "trust_hi",
+    "bias": "bias.kind", "bias_strength": "bias.strength", "bias_width": "bias.width", "bias_ceiling_kt": "bias.ceiling_kT",
+    "min_distance": "guards.min_distance", "max_temperature_factor": "guards.max_temperature_factor",
+    "max_volume_ratio": "guards.max_volume_ratio", "devi_ceiling": "guards.devi_ceiling", "devi_patience": "guards.devi_patience",
+}  # fmt: skip
+
+
+def explore_task_spec(given: dict) -> dict:
+    """The full exploration task spec: ``given`` over the run config schema's defaults (explore
+    section, its first stage's ensemble and trj_freq, the select section's trust levels)."""
+    from .runconfig import resolved_section
+
+    ex = resolved_section("explore", {})
+    stage, sel = ex["stages"][0], resolved_section("select", {})
+    spec = {k: ex[k] for k in ("dt_fs", "tau_t_fs", "tau_p_fs", "drive", "bias", "guards")}
+    spec |= {"ensemble": stage["ensemble"], "trj_freq": stage["trj_freq"], "pressure_bar": None, "trust_lo": sel["trust_lo"], "trust_hi": sel["trust_hi"]}
+    for key, value in given.items():
+        spec[key] = spec[key] | value if key in ("bias", "guards") and isinstance(value, dict) else value
+    return spec
+
+
+def _task_from_spec(given: dict, name: str, seed: int, iteration: int):
+    """An MDTask from a task spec (the workflow's JSON; keys left out take the schema's defaults)."""
+    from dataclasses import replace
+
     from .config import parse_dataclass
     from .explore.bias import BiasConfig
     from .explore.guards import GuardConfig
-    from .explore.md import MDTask, run_md
+    from .explore.md import MDTask
+
+    spec = explore_task_spec(given)
+    bias = parse_dataclass(BiasConfig, spec.pop("bias") | {"trust_lo": spec.pop("trust_lo"), "trust_hi": spec.pop("trust_hi")}, "explore.bias", "--spec")
+    guards = parse_dataclass(GuardConfig, spec.pop("guards"), "explore.guards", "--spec")
+    return replace(parse_dataclass(MDTask, spec | {"name": name, "seed": seed, "iteration": iteration}, "explore", "--spec"), bias=bias, guards=guards)
+
+
+def _cmd_explore(args: argparse.Namespace) -> None:
+    from .calculator import EnsembleCalculator
+    from .explore.md import run_md
 
     name = args.name or Path(args.output).name
     if args.spec is not None:
-        spec = _spec(args.spec, "explore")
-        bias_spec = dict(spec.pop("bias", {}))
-        bias = parse_dataclass(BiasConfig, bias_spec | {"trust_lo": spec.pop("trust_lo", 0.05), "trust_hi": spec.pop("trust_hi", 0.15)}, "explore.bias", "--spec")
-        guards = parse_dataclass(GuardConfig, spec.pop("guards", {}), "explore.guards", "--spec")
-        task = parse_dataclass(MDTask, spec | {"name": name, "seed": args.seed, "iteration": args.iteration}, "explore", "--spec")
-        from dataclasses import replace
-
-        task = replace(task, bias=bias, guards=guards)
+        given = _spec(args.spec, "explore")
     else:
         if args.temp is None or args.nsteps is None:
             raise DpeltError("give --spec, or at least --temp and --nsteps", key="explore")
-        bias = BiasConfig(kind=args.bias, strength=args.bias_strength, width=args.bias_width, trust_lo=args.trust_lo, trust_hi=args.trust_hi, ceiling_kT=args.bias_ceiling_kt)
-        guards = GuardConfig(min_distance=args.min_distance, max_temperature_factor=args.max_temperature_factor, max_volume_ratio=args.max_volume_ratio, devi_ceiling=args.devi_ceiling, devi_patience=args.devi_patience)
-        task = MDTask(
-            name=name, temperature_K=args.temp, nsteps=args.nsteps, trj_freq=args.trj_freq,
-            ensemble=args.ensemble, pressure_bar=args.press, dt_fs=args.dt, tau_t_fs=args.tau_t, tau_p_fs=args.tau_p,
-            seed=args.seed, iteration=args.iteration, drive=args.drive, bias=bias, guards=guards,
-        )
+        given = {}
+        for option, key in _EXPLORE_OPTIONS.items():
+            if getattr(args, option) is not None:
+                section, _, field = key.rpartition(".")
+                (given.setdefault(section, {}) if section else given)[field] = getattr(args, option)
+    task = _task_from_spec(given, name, args.seed, args.iteration)
     atoms = _load_frame(args.start, args.frame, args.system, args.seed)
-    calc = EnsembleCalculator(args.models, drive=task.drive, bias=task.bias, threads=args.threads)
+    calc = EnsembleCalculator(args.models, drive=task.drive, bias=task.bias, threads=_default(args.threads, "threads.explore"))
     summary = run_md(task, atoms, calc, args.output, source=f"{args.start}:{args.system or args.frame}")
     print(f"{task.name}: {summary['status']}{' (' + summary['reason'] + ')' if summary['reason'] else ''}, {summary['frames']} frames, {summary['steps_done']} steps")
+
+
+def _cmd_explore_batch(args: argparse.Namespace) -> None:
+    import json
+
+    from .explore.batched import explore_batch
+    from .fileio import write_json_atomic
+
+    try:
+        items = json.loads(args.tasks)
+    except json.JSONDecodeError as exc:
+        raise DpeltError(f"--tasks is not valid JSON: {exc}", key="explore") from None
+    if not isinstance(items, list) or not all(isinstance(x, dict) and {"name", "seed", "spec"} <= set(x) for x in items):
+        raise DpeltError("--tasks must be a JSON list of {name, system, seed, spec}", key="explore")
+    out = Path(args.output)
+    tasks = [_task_from_spec(x["spec"], x["name"], int(x["seed"]), args.iteration) for x in items]
+    starts = [_load_frame(args.start, None, x.get("system"), int(x["seed"])) for x in items]
+    sources = [f"{args.start}:{x.get('system')}" for x in items]
+    print(f"explore: batched, {len(tasks)} walkers × {len(args.models)} members in one process (explore.batched: true)")
+    summaries = explore_batch(tasks, starts, args.models, [out / t.name for t in tasks], sources, threads=_default(args.threads, "threads.explore"))
+    for s in summaries:
+        print(f"{s['task']['name']}: {s['status']}{' (' + s['reason'] + ')' if s['reason'] else ''}, {s['frames']} frames, {s['steps_done']} steps")
+    write_json_atomic(out / "batch.json", {"batched": True, "tasks": summaries})
 
 
 def _cmd_select(args: argparse.Namespace) -> None:
@@ -162,16 +222,22 @@ def _cmd_select(args: argparse.Namespace) -> None:
 
     cfg = SelectConfig(
         trust_lo=args.trust_lo, trust_hi=args.trust_hi, v_trust_lo=args.v_trust_lo, v_trust_hi=args.v_trust_hi,
-        max_labels=args.max_labels, spread=args.spread, adapt_numb_candi=args.adapt_numb_candi,
-        adapt_perc_candi=args.adapt_perc_candi, conv_accuracy=args.conv_accuracy,
+        max_labels=_default(args.max_labels, "select.max_labels"), spread=_default(args.spread, "select.spread"),
+        adapt_numb_candi=args.adapt_numb_candi, adapt_perc_candi=_default(args.adapt_perc_candi, "select.adapt_perc_candi"),
+        conv_accuracy=_default(args.conv_accuracy, "select.conv_accuracy"),
     )
     labelled = set()
     for p in args.labelled or []:
         for ds in read_systems(p):
             labelled.update(frame_ids(ds).tolist())
+    if cfg.spread == "fps" and not args.model:  # refused before any work, however many candidates
+        raise DpeltError("--spread fps measures frames with a model's descriptor: give it with -m MODEL", key="spread")
     model = None
     if args.model:  # only farthest-point spreading needs a model (and torch: ~2 s to import)
         from .model.serialize import load_model
+        from .runtime import configure_torch
+
+        configure_torch(_default(args.threads, "threads.evaluate"))
 
         model = load_model(args.model)
     r = select(args.frames, cfg, args.seed, args.output, model=model, iteration=args.iteration, labelled_ids=labelled)
@@ -183,6 +249,7 @@ def _cmd_select(args: argparse.Namespace) -> None:
 
 def _cmd_init(args: argparse.Namespace) -> None:
     from .init_data import make_init, parse_init_spec
+    from .runconfig import resolved_section
     from .runtime import configure_torch
 
     configure_torch(args.threads)
@@ -190,14 +257,14 @@ def _cmd_init(args: argparse.Namespace) -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     spec = _spec(args.spec, "init")
     init = parse_init_spec(spec.get("init", {}), source="--spec")
-    oracle = spec.get("label", {}).get("oracle", {"name": "emt"})
-    max_force = spec.get("label", {}).get("max_force", 50.0)
-    s = make_init(init, oracle, spec["type_map"], args.output, args.seed, args.workdir, max_force=max_force, timeout=label_timeout(args.timeout))
+    label = resolved_section("label", spec.get("label"), "--spec")
+    s = make_init(init, label["oracle"], spec["type_map"], args.output, args.seed, args.workdir, max_force=label["max_force"], timeout=args.timeout)
     print("; ".join(f"{x['system']}: {x['frames']} frames of {x['natoms']} atoms" for x in s["systems"]) + (f"; {len(s['failures'])} failed labels" if s["failures"] else ""))
 
 
 def _cmd_holdout(args: argparse.Namespace) -> None:
     from .init_data import OracleMDSpec, make_holdout, parse_init_spec
+    from .runconfig import resolved_section
     from .runtime import configure_torch
 
     configure_torch(args.threads)
@@ -205,11 +272,10 @@ def _cmd_holdout(args: argparse.Namespace) -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     spec = _spec(args.spec, "holdout")
     init = parse_init_spec(spec.get("init", {}), source="--spec")
-    h = spec.get("holdout", {})
-    md = OracleMDSpec(trj_freq=h.get("trj_freq", 20), dt_fs=h.get("dt_fs", 2.0), equilibration=h.get("equilibration", 200))
-    oracle = spec.get("label", {}).get("oracle", {"name": "emt"})
-    max_force = spec.get("label", {}).get("max_force", 50.0)
-    s = make_holdout(init, spec["systems"], spec["temperatures_K"], h.get("frames", 10), md, oracle, spec["type_map"], args.output, args.seed, args.workdir, max_force, timeout=label_timeout(args.timeout))
+    h = resolved_section("holdout", spec.get("holdout"), "--spec")
+    md = OracleMDSpec(trj_freq=h["trj_freq"], dt_fs=h["dt_fs"], equilibration=h["equilibration"])
+    label = resolved_section("label", spec.get("label"), "--spec")
+    s = make_holdout(init, spec["systems"], spec["temperatures_K"], h["frames"], md, label["oracle"], spec["type_map"], args.output, args.seed, args.workdir, label["max_force"], timeout=args.timeout)
     print("; ".join(f"{x['system']}: {x['frames']} frames" for x in s["systems"]) + (f"; {len(s['failures'])} failed labels" if s["failures"] else ""))
     for failure in s["failures"]:
         print(f"  {failure['source_task']} step {failure['md_step']}: {failure['reason']}")
@@ -221,7 +287,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .runtime import configure_torch
 
     configure_torch(args.threads)
-    r = evaluate_ensemble([load_model(m) for m in args.models], args.systems or [], args.output, plot=args.plot)
+    models = [load_model(m) for m in args.models]
+    r = evaluate_ensemble(models, args.systems or [], args.output, plot=args.plot)
+    if args.calibration:
+        from .calibration import calibration
+
+        c = calibration(models, args.labelled or [], args.calibration)
+        print(f"calibration on {c['nframes']} labelled frames: Spearman(max_devi_f, true max force error) = {c['spearman_devi_vs_true_max_f']}")
     if r["ensemble_mean"]:
         o = r["ensemble_mean"]
         print(f"{r['nframes']} frames: ensemble mean energy RMSE {o['energy_rmse_per_atom'] * 1000:.2f} meV/atom, force RMSE {o['force_rmse'] * 1000:.1f} meV/Å; mean max_devi_f {r['max_devi_f']['mean']:.3f} eV/Å")
@@ -241,7 +313,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 def _cmd_publish(args: argparse.Namespace) -> None:
     from .versioning import publish
 
-    tags = publish(args.directory, iterations=None if args.all or not args.iterations else [int(i) for i in args.iterations], remote=args.remote)
+    tags = publish(args.directory, iterations=None if args.all or not args.iterations else [int(i) for i in args.iterations], remote=args.remote, configfile=args.configfile)
     print(f"published {', '.join(tags)}" if tags else "nothing new to publish")
 
 
@@ -261,6 +333,15 @@ def _cmd_verify(args: argparse.Namespace) -> None:
             print(f"  {w}")
     if any(bad.values()):
         raise DpeltError("published files differ from their recorded sha256 (see above)")
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> None:
+    from .reproduce import format_table, reproduce
+
+    r = reproduce(args.directory, args.tag, workdir=args.workdir, reuse_labels=args.reuse_labels, cores=args.cores, report=args.report, resume=args.resume, configfile=args.configfile)
+    print(format_table(r))
+    if not r["identical"]:
+        raise SystemExit(1)
 
 
 def _cmd_resume(args: argparse.Namespace) -> None:
@@ -298,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--start-lr", type=float, help="override learning_rate.start_lr (warm starts)")
     t.add_argument("-o", "--output", default=".", help="output directory (model.pt, checkpoint.pt, lcurve.csv, input.json)")
     t.add_argument("--init-model", help="warm start: initialise weights and statistics from this model file")
+    t.add_argument("--refit-bias", action="store_true", help="with --init-model: first refit the energy bias to this training data (least squares on the model's energy residuals; DeePMD-kit keeps it)")
     t.add_argument("--restart", help="resume from a checkpoint.pt written by an earlier run")
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt if it was written for the same input (a killed job)")
     t.add_argument("--threads", type=int, help="torch threads (default: training.threads, $DPELT_THREADS or all)")
@@ -328,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_convert)
 
     x = sub.add_parser("explore", help="ensemble MD from one start frame, keeping frames and model deviations")
+    # options left out take the run config schema's defaults (explore.*, select.trust_lo/hi)
     x.add_argument("-m", "--models", nargs="+", required=True, help="model files of the ensemble (the first drives)")
     x.add_argument("--start", required=True, help="frames file with the start configuration")
     x.add_argument("--frame", type=int, help="index of the start frame in --start (default: 0, or drawn with --seed when --system is given)")
@@ -335,30 +418,39 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--spec", help="the task as JSON (temperature_K, pressure_bar, ensemble, nsteps, trj_freq, dt_fs, tau_t_fs, tau_p_fs, drive, bias, guards, trust_lo, trust_hi)")
     x.add_argument("-o", "--output", required=True, help="task directory (frames.nc, md.log, md.json)")
     x.add_argument("--name", help="task name recorded with every frame (default: output directory name)")
-    x.add_argument("--ensemble", default="nvt", help="nvt (Langevin) | nvt-bussi | nvt-nh | nve | npt | npt-aniso | npt-tri")
+    x.add_argument("--ensemble", help="nvt (Langevin) | nvt-bussi | nvt-nh | nve | npt | npt-aniso | npt-tri")
     x.add_argument("--temp", type=float, help="temperature, K")
     x.add_argument("--press", type=float, help="pressure, bar (npt ensembles)")
     x.add_argument("--nsteps", type=int)
-    x.add_argument("--trj-freq", type=int, default=10, help="keep a frame (and evaluate the ensemble) every N steps")
-    x.add_argument("--dt", type=float, default=1.0, help="time step, fs")
-    x.add_argument("--tau-t", type=float, default=100.0, help="thermostat time constant, fs")
-    x.add_argument("--tau-p", type=float, default=1000.0, help="barostat time constant, fs")
+    x.add_argument("--trj-freq", type=int, help="keep a frame (and evaluate the ensemble) every N steps")
+    x.add_argument("--dt", type=float, help="time step, fs")
+    x.add_argument("--tau-t", type=float, help="thermostat time constant, fs")
+    x.add_argument("--tau-p", type=float, help="barostat time constant, fs")
     x.add_argument("--seed", type=int, required=True)
     x.add_argument("--iteration", type=int, default=-1)
-    x.add_argument("--drive", default="first", choices=["first", "mean"])
-    x.add_argument("--bias", default="none", choices=["none", "confidence", "udd"])
-    x.add_argument("--bias-strength", type=float, default=0.5, help="confidence: α in [0,1); udd: well depth A, eV")
-    x.add_argument("--bias-width", type=float, default=0.1, help="udd: width B, eV/Å")
-    x.add_argument("--bias-ceiling-kt", type=float, default=3.0, help="confidence: ceiling above the start energy, in N k_B T")
-    x.add_argument("--trust-lo", type=float, default=0.05, help="eV/Å (confidence bias weight)")
-    x.add_argument("--trust-hi", type=float, default=0.15, help="eV/Å (confidence bias weight)")
-    x.add_argument("--min-distance", type=float, default=0.5, help="guard: closest approach, Å")
-    x.add_argument("--max-temperature-factor", type=float, default=5.0, help="guard: runaway above this × target T")
-    x.add_argument("--max-volume-ratio", type=float, default=3.0, help="guard: cell volume change factor")
+    x.add_argument("--drive", choices=["first", "mean"])
+    x.add_argument("--bias", choices=["none", "confidence", "udd"])
+    x.add_argument("--bias-strength", type=float, help="confidence: α in [0,1); udd: well depth A, eV")
+    x.add_argument("--bias-width", type=float, help="udd: width B, eV/Å")
+    x.add_argument("--bias-ceiling-kt", type=float, help="confidence: ceiling above the start energy, in N k_B T")
+    x.add_argument("--trust-lo", type=float, help="eV/Å (confidence bias weight)")
+    x.add_argument("--trust-hi", type=float, help="eV/Å (confidence bias weight)")
+    x.add_argument("--min-distance", type=float, help="guard: closest approach, Å")
+    x.add_argument("--max-temperature-factor", type=float, help="guard: runaway above this × target T")
+    x.add_argument("--max-volume-ratio", type=float, help="guard: cell volume change factor")
     x.add_argument("--devi-ceiling", type=float, help="guard: stop when max_devi_f stays above this (eV/Å)")
-    x.add_argument("--devi-patience", type=int, default=3, help="guard: ... for this many kept frames in a row")
-    x.add_argument("--threads", type=int, default=1)
+    x.add_argument("--devi-patience", type=int, help="guard: ... for this many kept frames in a row")
+    x.add_argument("--threads", type=int, help="torch threads (default: threads.explore)")
     x.set_defaults(func=_cmd_explore)
+
+    xb = sub.add_parser("explore-batch", help="all exploration tasks of an iteration in one process (one batched model evaluation per MD step)")
+    xb.add_argument("-m", "--models", nargs="+", required=True, help="model files of the ensemble (the first drives)")
+    xb.add_argument("--start", required=True, help="frames file with the start configurations")
+    xb.add_argument("--tasks", required=True, help="JSON list of {name, system, seed, spec} (spec as for explore --spec)")
+    xb.add_argument("-o", "--output", required=True, help="directory: OUTPUT/<name>/{frames.nc, md.json, md.log} per task, OUTPUT/batch.json last")
+    xb.add_argument("--iteration", type=int, default=-1)
+    xb.add_argument("--threads", type=int, help="torch threads (default: threads.explore)")
+    xb.set_defaults(func=_cmd_explore_batch)
 
     se = sub.add_parser("select", help="classify explored frames by model deviation and pick candidates to label")
     se.add_argument("frames", nargs="+", help="exploration outputs (frames.nc)")
@@ -367,15 +459,16 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--trust-hi", type=float, required=True, help="eV/Å")
     se.add_argument("--v-trust-lo", type=float, help="eV/atom (virial, optional)")
     se.add_argument("--v-trust-hi", type=float, help="eV/atom (virial, optional)")
-    se.add_argument("--max-labels", type=int, default=100, help="at most this many candidates are picked")
+    se.add_argument("--max-labels", type=int, help="at most this many candidates are picked (default: select.max_labels of the run config schema)")
     se.add_argument("--seed", type=int, required=True)
     se.add_argument("--iteration", type=int)
-    se.add_argument("--spread", default="random", choices=["random", "fps"], help="fps: farthest-point sampling in descriptor space (needs -m)")
+    se.add_argument("--spread", choices=["random", "fps"], help="fps: farthest-point sampling in descriptor space (needs -m; default: select.spread)")
     se.add_argument("-m", "--model", help="model for descriptors (spread fps)")
     se.add_argument("--adapt-numb-candi", type=int, help="adaptive trust_lo: at least this many candidates")
-    se.add_argument("--adapt-perc-candi", type=float, default=0.0, help="adaptive trust_lo: at least this fraction of the frames below trust_hi")
-    se.add_argument("--conv-accuracy", type=float, default=0.95, help="converged when the accurate ratio reaches this")
+    se.add_argument("--adapt-perc-candi", type=float, help="adaptive trust_lo: at least this fraction of the frames below trust_hi (default: select.adapt_perc_candi)")
+    se.add_argument("--conv-accuracy", type=float, help="converged when the accurate ratio reaches this (default: select.conv_accuracy)")
     se.add_argument("--labelled", nargs="*", help="frames already labelled (never picked again)")
+    se.add_argument("--threads", type=int, help="torch threads of the descriptor evaluation (spread fps; default: threads.evaluate)")
     se.set_defaults(func=_cmd_select)
 
     add_label_parser(sub)
@@ -387,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--workdir", default="work/init", help="directory for the oracle's task files")
     i.add_argument("--seed", type=int, required=True)
     i.add_argument("--threads", type=int, default=1)
-    i.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
+    i.add_argument("--timeout", type=seconds_or_none, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
     i.set_defaults(func=_cmd_init)
 
     h = sub.add_parser("holdout", help="build the held-out oracle MD frames of a run")
@@ -396,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--workdir", default="work/holdout")
     h.add_argument("--seed", type=int, required=True)
     h.add_argument("--threads", type=int, default=1)
-    h.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
+    h.add_argument("--timeout", type=seconds_or_none, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
     h.set_defaults(func=_cmd_holdout)
 
     ev = sub.add_parser("evaluate", help="errors of an ensemble (members and mean) on labelled frames")
@@ -404,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-s", "--systems", nargs="*", default=[], help="labelled frames (none: an empty evaluation)")
     ev.add_argument("-o", "--output", required=True, help="metrics JSON")
     ev.add_argument("--plot", help="parity plot of the ensemble mean (PNG)")
+    ev.add_argument("--labelled", help="the frames this ensemble's exploration had labelled (iter/NNN/label/frames.nc): deviation vs true error")
+    ev.add_argument("--calibration", help="write that comparison (pipeline.calibration) as JSON here")
     ev.add_argument("--threads", type=int, default=1)
     ev.set_defaults(func=_cmd_evaluate)
 
@@ -420,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--all", action="store_true", help="every finished, unpublished iteration")
     pb.add_argument("--remote", help="dvc push to this remote afterwards")
     pb.add_argument("-C", "--directory", default=".", help="run directory (a git repository)")
+    pb.add_argument("--configfile", help="the run's config, recorded in the manifests (default config/config.yaml)")
     pb.set_defaults(func=_cmd_publish)
 
     rs = sub.add_parser("restore", help="bring back the datasets and models of a published iteration (iter-NNN)")
@@ -431,6 +527,17 @@ def build_parser() -> argparse.ArgumentParser:
     vf.add_argument("tags", nargs="*", help="iter-NNN tags (default: all published)")
     vf.add_argument("-C", "--directory", default=".")
     vf.set_defaults(func=_cmd_verify)
+
+    rr = sub.add_parser("reproduce", help="re-execute a published run up to TAG and compare every dataset and model with its manifest")
+    rr.add_argument("tag", nargs="?", help="iter-NNN (default: the latest published)")
+    rr.add_argument("--reuse-labels", action="store_true", help="take the oracle's labels of bit-identical frames from the published data instead of recomputing them")
+    rr.add_argument("--workdir", help="fresh directory for the re-execution (default reproduce/TAG)")
+    rr.add_argument("--report", help="JSON report (default: beside the work directory, named after it)")
+    rr.add_argument("--configfile", help="the run's config, for manifests that do not name it (older publications)")
+    rr.add_argument("--cores", default="all", help="snakemake --cores (results do not depend on it)")
+    rr.add_argument("--resume", action="store_true", help="continue a killed reproduction in an existing work directory")
+    rr.add_argument("-C", "--directory", default=".", help="the clone of the published run")
+    rr.set_defaults(func=_cmd_reproduce)
 
     ru = sub.add_parser("resume", help="continue a run whose driver was killed: stop leftovers, unlock, rerun incomplete jobs")
     ru.add_argument("-C", "--directory", default=".")
@@ -452,9 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .recovery import job_record
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with job_record("."):  # a job of a Snakemake run records its PID for `dpelt resume`
+            args.func(args)
     except DpeltError as exc:
         print(f"dpelt: error: {exc}", file=sys.stderr)
         return 2

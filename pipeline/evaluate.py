@@ -149,6 +149,21 @@ def test_model(model: DeepPot, systems: Sequence[str | os.PathLike], out_json: s
     return result
 
 
+def _add_cells(cells: dict, ds: xr.Dataset, pred: dict) -> None:
+    """Add the error sums of ``pred`` on ``ds`` to ``cells``, one per (system, temperature):
+    the held-out set's composition × temperature grid (``system`` attribute, ``temperature_K``
+    coordinate; the formula and None where missing)."""
+    system = str(ds.attrs.get("system", "")) or formula(ds)
+    temps = ds["temperature_K"].values if "temperature_K" in ds.coords else np.full(ds.sizes["frame"], np.nan)
+    finite = np.isfinite(temps)
+    groups = [(float(T), np.flatnonzero(temps == T)) for T in np.unique(temps[finite])] + ([(None, np.flatnonzero(~finite))] if not finite.all() else [])
+    for T, idx in groups:
+        key = (system, T)
+        part = {k: pred[k][idx] for k in ("energy", "force", "virial")}
+        for k2, v in _sums(part, ds.isel(frame=idx)).items():
+            cells.setdefault(key, {})[k2] = cells.setdefault(key, {}).get(k2, 0) + v
+
+
 def evaluate_ensemble(models: Sequence[DeepPot], systems: Sequence[str | os.PathLike], out_json: str | os.PathLike, plot: str | os.PathLike | None = None) -> dict:
     """Errors of every member and of the ensemble mean on labelled frames, plus the deviation there.
 
@@ -160,6 +175,7 @@ def evaluate_ensemble(models: Sequence[DeepPot], systems: Sequence[str | os.Path
 
     member_sums = [dict() for _ in models]
     mean_sums: dict = {}
+    cells: dict[tuple, dict] = {}
     devi = []
     e_ref, e_pred, f_ref, f_pred = [], [], [], []
     for path in systems:
@@ -173,6 +189,7 @@ def evaluate_ensemble(models: Sequence[DeepPot], systems: Sequence[str | os.Path
             mean = {key: np.mean([p[key] for p in preds], axis=0) for key in ("energy", "force", "virial")}
             for key, v in _sums(mean, ds).items():
                 mean_sums[key] = mean_sums.get(key, 0) + v
+            _add_cells(cells, ds, mean)
             dev = model_deviation(np.stack([p["energy"] for p in preds]), np.stack([p["force"] for p in preds]))
             devi.append(dev["max_devi_f"])
             n = ds.sizes["atom"]
@@ -191,6 +208,7 @@ def evaluate_ensemble(models: Sequence[DeepPot], systems: Sequence[str | os.Path
             "members": [_metrics(s) for s in member_sums],
             "ensemble_mean": _metrics(mean_sums),
             "max_devi_f": {"mean": float(d.mean()), "max": float(d.max())},
+            "cells": [{"system": sy, "temperature_K": T} | _metrics(c) for (sy, T), c in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1] if kv[0][1] is not None else -1.0))],
         }
         if plot:
             parity_plot(plot, np.concatenate(e_ref), np.concatenate(e_pred), np.concatenate(f_ref), np.concatenate(f_pred), title="ensemble mean on held-out frames")

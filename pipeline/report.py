@@ -6,7 +6,10 @@ frames (deviation histograms) and the learning curves. Writes into ``reports/``:
 ``summary.json``, ``iterations.csv``, ``ratios.png`` (accurate/candidate/failed ratio per
 iteration, stage boundaries marked), ``deviation.png`` (max force deviation histograms with
 the trust levels), ``lcurve.png`` (learning curves of member 0), ``parity.png`` (the final
-ensemble on the held-out set).
+ensemble on the held-out set), ``calibration.png`` (one panel per iteration: max force
+deviation against the true force error on the frames it labelled, from
+``eval/calibration.json``; the Spearman rank correlation per iteration is in
+``iterations.csv`` and ``summary.json``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def iteration_rows(iter_dirs: Sequence[Path], stages: Sequence[int]) -> list[dic
         rep = _load(d / "select" / "report.json") or {}
         lab = _load(d / "label" / "summary.json") or {}
         ev = _load(d / "eval" / "metrics.json") or {}
+        cal = _load(d / "eval" / "calibration.json") or {}
         mean = ev.get("ensemble_mean") or {}
         counts = rep.get("counts", {})
         rows.append(
@@ -70,11 +74,53 @@ def iteration_rows(iter_dirs: Sequence[Path], stages: Sequence[int]) -> list[dic
                 "holdout_energy_rmse_per_atom": mean.get("energy_rmse_per_atom", float("nan")),
                 "holdout_force_rmse": mean.get("force_rmse", float("nan")),
                 "holdout_mean_max_devi_f": (ev.get("max_devi_f") or {}).get("mean", float("nan")),
+                "calibration_frames": cal.get("nframes", 0),
+                "spearman_devi_vs_true_f": _nan(cal.get("spearman_devi_vs_true_max_f")),
+                "median_true_over_devi_f": _nan(cal.get("median_true_over_devi")),
                 "trust_lo": rep.get("trust_lo", float("nan")),
                 "trust_hi": rep.get("trust_hi", float("nan")),
             }
         )
     return rows
+
+
+def _nan(x) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def _calibration_plot(iter_dirs: Sequence[Path], rows: list[dict], path: Path) -> None:
+    """One panel per iteration: max force deviation (what selected the frame) against the true
+    max force error of the ensemble mean on the frames that iteration labelled, log-log, with
+    the trust levels and the line error = deviation."""
+    plt = _plt()
+    n = max(len(iter_dirs), 1)
+    ncol = min(n, 4)
+    nrow = (n + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 3.0 * nrow), squeeze=False)
+    for ax in axes.ravel()[len(iter_dirs):]:
+        ax.axis("off")
+    for ax, d, r in zip(axes.ravel(), iter_dirs, rows):
+        cal = _load(d / "eval" / "calibration.json") or {}
+        fr = cal.get("frames") or {}
+        x, y = np.asarray(fr.get("max_devi_f", []), dtype=float), np.asarray(fr.get("max_true_f", []), dtype=float)
+        ax.set_title(f"iter {d.name}: {len(x)} labels, ρ = {r['spearman_devi_vs_true_f']:.2f}" if len(x) else f"iter {d.name}: no labels", fontsize=8)
+        if not len(x):
+            continue
+        T = np.asarray(fr.get("temperature_K", [np.nan] * len(x)), dtype=float)
+        sc = ax.scatter(x, y, c=T, s=6, cmap="coolwarm")
+        lo, hi = float(min(x.min(), y.min())) * 0.8, float(max(x.max(), y.max())) * 1.25
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.7)
+        for level, col in ((r["trust_lo"], "k"), (r["trust_hi"], "r")):
+            if np.isfinite(level):
+                ax.axvline(level, color=col, ls=":", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("max force deviation (eV/Å)", fontsize=8)
+        ax.set_ylabel("true max force error (eV/Å)", fontsize=8)
+        if np.isfinite(T).any():
+            fig.colorbar(sc, ax=ax, label="T (K)")
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def _ratios_plot(rows: list[dict], path: Path) -> None:
@@ -151,6 +197,7 @@ def write_report(iter_dirs: Sequence[str | os.PathLike], stages: Sequence[int], 
     _ratios_plot(rows, out / "ratios.png")
     _deviation_plot(iter_dirs, rows, out / "deviation.png")
     _lcurve_plot(iter_dirs, out / "lcurve.png")
+    _calibration_plot(iter_dirs, rows, out / "calibration.png")
     if iter_dirs and (iter_dirs[-1] / "eval" / "parity.png").exists():
         with atomic_path(out / "parity.png") as tmp:
             shutil.copyfile(iter_dirs[-1] / "eval" / "parity.png", tmp)
@@ -171,6 +218,9 @@ def write_report(iter_dirs: Sequence[str | os.PathLike], stages: Sequence[int], 
         "final_accurate_ratio": last.get("accurate_ratio"),
         "final_holdout": final_eval,
         "final_holdout_force_rmse": last.get("holdout_force_rmse"),
+        "final_holdout_cells": (final_eval or {}).get("cells"),
+        "calibration": [{"iteration": r["iteration"], "labelled_frames": r["calibration_frames"], "spearman_devi_vs_true_f": None if np.isnan(r["spearman_devi_vs_true_f"]) else r["spearman_devi_vs_true_f"],
+                         "median_true_over_devi_f": None if np.isnan(r["median_true_over_devi_f"]) else r["median_true_over_devi_f"]} for r in rows],
         "per_iteration": rows,
     }
     write_json_atomic(out / "summary.json", summary)

@@ -1,6 +1,7 @@
 """The run configuration (config/config.yaml): schema validation and cross-field checks.
 
-The JSON Schema (config/schema.yaml) gives every key's type, default and description and
+The JSON Schema (``pipeline/schema.yaml``, shipped inside the package so that any install can
+validate a config) gives every key's type, default and description and
 rejects unknown keys; :func:`cross_check` adds what a schema cannot say (trust_lo < trust_hi,
 every element known to the oracle, stage systems that exist, a valid DeePMD training input)
 with messages naming the key. Snakemake runs both before any job (rules/common.smk);
@@ -10,13 +11,32 @@ with messages naming the key. Snakemake runs both before any job (rules/common.s
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-SCHEMA = Path(__file__).resolve().parents[1] / "config" / "schema.yaml"
+
+
+@functools.cache
+def schema() -> dict:
+    """The run config's JSON Schema (package data ``pipeline/schema.yaml``): the one place of every
+    default. Read once; callers do not modify it."""
+    from importlib.resources import files
+
+    import yaml
+
+    return yaml.safe_load(files("pipeline").joinpath("schema.yaml").read_text())
+
+
+def schema_default(key: str):
+    """The schema's default of a dotted key (``label.max_force``): what a CLI option falls back to."""
+    node = schema()
+    for part in key.split("."):
+        node = node["properties"][part]
+    return copy.deepcopy(node["default"])
 
 
 def _default_filling_validator(schema: dict):
@@ -34,17 +54,25 @@ def _default_filling_validator(schema: dict):
     return jsonschema.validators.extend(base, {"properties": set_defaults})(schema)
 
 
+def resolved_section(name: str, section: dict | None, source: str | None = None) -> dict:
+    """Top-level section ``name`` of a run config with the schema's defaults filled in and
+    checked: what a job gets from a --spec written by hand as from the workflow."""
+    data = copy.deepcopy(section) if section is not None else {}
+    errors = sorted(_default_filling_validator(schema()["properties"][name]).iter_errors(data), key=lambda e: len(list(e.absolute_path)))
+    if errors:
+        where = _where(errors[0])
+        raise ConfigError(errors[0].message, path=source, key=name if where == "(top level)" else f"{name}.{where}")
+    return data
+
+
 def _where(error) -> str:
     path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in error.absolute_path).replace(".[", "[")
     return path or "(top level)"
 
 
-def validate_schema(config: dict, schema_path: str | os.PathLike = SCHEMA, source: str | None = None) -> dict:
+def validate_schema(config: dict, source: str | None = None) -> dict:
     """Fill defaults and validate against the schema; the first error names its key."""
-    import yaml
-
-    schema = yaml.safe_load(Path(schema_path).read_text())
-    validator = _default_filling_validator(schema)
+    validator = _default_filling_validator(schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(list(e.absolute_path)), str(e.absolute_path)))
     if errors:
         e = errors[0]
@@ -149,7 +177,7 @@ def cross_check(config: dict, source: str | None = None, check_paths: bool = Tru
         raise ConfigError(exc.message, path=source, key=f"train.{exc.key}" if exc.key else "train") from None
 
 
-def load_run_config(path: str | os.PathLike, schema_path: str | os.PathLike = SCHEMA) -> dict:
+def load_run_config(path: str | os.PathLike) -> dict:
     """Read, validate (schema + cross checks) and return a run config with defaults filled."""
     import yaml
 
@@ -162,6 +190,6 @@ def load_run_config(path: str | os.PathLike, schema_path: str | os.PathLike = SC
         raise ConfigError(f"cannot parse YAML: {exc}", path=path) from None
     if not isinstance(config, dict):
         raise ConfigError("top level must be a mapping", path=path)
-    validate_schema(config, schema_path, str(path))
+    validate_schema(config, str(path))
     cross_check(config, str(path))
     return config

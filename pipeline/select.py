@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -34,19 +34,31 @@ ACCURATE, CANDIDATE, FAILED = 0, 1, 2
 CLASS_NAMES = ("accurate", "candidate", "failed")
 
 
+def _schema_default(key: str):
+    """A field whose default is the run config schema's ``select.<key>`` (the one place defaults live)."""
+
+    def default():
+        from .runconfig import schema_default
+
+        return schema_default(f"select.{key}")
+
+    return field(default_factory=default)
+
+
 @dataclass(frozen=True)
 class SelectConfig:
-    """Selection settings (eV/Å for force levels, eV/atom for virial levels)."""
+    """Selection settings (eV/Å for force levels, eV/atom for virial levels); fields left out
+    take the schema's defaults of the ``select`` section."""
 
     trust_lo: float
     trust_hi: float
     v_trust_lo: Optional[float] = None
     v_trust_hi: Optional[float] = None
-    max_labels: int = 100
-    spread: str = "random"
+    max_labels: int = _schema_default("max_labels")
+    spread: str = _schema_default("spread")
     adapt_numb_candi: Optional[int] = None
-    adapt_perc_candi: float = 0.0
-    conv_accuracy: float = 0.95
+    adapt_perc_candi: float = _schema_default("adapt_perc_candi")
+    conv_accuracy: float = _schema_default("conv_accuracy")
 
     def __post_init__(self) -> None:
         if not (0 <= self.trust_lo < self.trust_hi):
@@ -231,6 +243,7 @@ def select(
         "candidates_available": len(pool),
         "selected": len(chosen),
         "max_labels": cfg.max_labels,
+        "spread": cfg.spread,
         "seed": int(seed),
         "conv_accuracy": cfg.conv_accuracy,
         # a trajectory the guards had to stop is an exploration the models do not get right,

@@ -9,6 +9,12 @@ iterations aside into ``attic/`` (nothing computed is deleted) and sets file tim
 order of the workflow, so Snakemake reruns nothing up to NNN and continues from there.
 ``verify`` recomputes the hashes of a published iteration.
 
+Each manifest also records the run (``run``: its config file, that file's sha256, the seed)
+and what bit-identity depends on (``environment``: dpelt code, Python, NumPy, torch, CPU
+instruction set, embedding kernel, threads per job, oracle and its package, …; see
+:mod:`pipeline.reproduce.environment`), so that ``dpelt reproduce`` can re-execute the run
+and say up front what differs on the reader's machine.
+
 Only one DVC command runs at a time (a file lock); DVC's analytics are switched off.
 """
 
@@ -22,6 +28,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -38,12 +45,28 @@ def _env() -> dict:
     return dict(os.environ, DVC_NO_ANALYTICS="1", GIT_TERMINAL_PROMPT="0")
 
 
+def tool(name: str) -> str | None:
+    """Path of the program ``name``: beside dpelt's own interpreter first (``.venv/bin/dvc`` when
+    ``.venv/bin/dpelt`` runs without the venv activated), then on PATH; None if neither has it."""
+    here = Path(sys.executable).parent / name
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    return shutil.which(name)
+
+
+def require_tool(name: str) -> str:
+    """:func:`tool`, or one error saying where it was looked for."""
+    found = tool(name)
+    if found is None:
+        raise DpeltError(f"{name} is not installed: not beside {Path(sys.executable).parent} nor on PATH (pip install -e . installs it)")
+    return found
+
+
 def run(cmd: Sequence[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    """Run git/dvc; a failure becomes one DpeltError with the command's own message."""
-    try:
-        proc = subprocess.run(list(cmd), cwd=cwd, env=_env(), capture_output=True, text=True)
-    except FileNotFoundError:
-        raise DpeltError(f"{cmd[0]} is not installed or not on PATH") from None
+    """Run git/dvc (found by :func:`tool`); a failure becomes one DpeltError with the command's own message."""
+    cmd = [require_tool(cmd[0])] + list(cmd[1:])
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
+    cmd[0] = Path(cmd[0]).name  # messages name the command as typed
     if check and proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise DpeltError(f"`{' '.join(cmd)}` failed: {msg[-1] if msg else 'exit ' + str(proc.returncode)}", path=cwd)
@@ -140,11 +163,54 @@ def _keep_mtimes(paths: Sequence[Path]):
     return restore
 
 
-def publish(root: str | os.PathLike = ".", iterations: Sequence[int] | None = None, remote: str | None = None, log=print) -> list[str]:
-    """Publish finished, unpublished iterations (all, or those given). Returns the new tags."""
+DEFAULT_CONFIG = "config/config.yaml"
+
+
+def run_record(root: Path, configfile: str | os.PathLike | None = None, log=print) -> tuple[dict, dict]:
+    """(``run`` entry, validated config) of the run in ``root`` whose config is ``configfile``
+    (default config/config.yaml; relative paths are relative to ``root``, as Snakemake's are).
+    A config outside ``root`` is recorded by its absolute path only (``config_outside``): it
+    is not committed, and a reader cannot reproduce the run without it."""
+    import yaml
+
+    from .runconfig import SCHEMA, validate_schema
+
+    path = Path(configfile or DEFAULT_CONFIG)
+    path = path if path.is_absolute() else root / path
+    if not path.is_file():
+        raise DpeltError("the run's config file is not there (give the one the run used: --configfile)", path=path, key="configfile")
+    try:
+        rel = str(path.resolve().relative_to(root))
+    except ValueError:
+        rel = None
+        log(f"warning: the run's config {path} lies outside the run directory: it is not published with the run, and `dpelt reproduce` needs it (copy it into the run directory)")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DpeltError(f"cannot parse YAML: {exc}", path=path) from None
+    schema = root / "config" / "schema.yaml"
+    validate_schema(config, schema if schema.exists() else SCHEMA, str(path))
+    entry = {"config_file": rel, "config_sha256": sha256(path), "seed": int(config["seed"])}
+    return entry | ({} if rel else {"config_outside": str(path.resolve())}), config
+
+
+def publish(
+    root: str | os.PathLike = ".",
+    iterations: Sequence[int] | None = None,
+    remote: str | None = None,
+    log=print,
+    configfile: str | os.PathLike | None = None,
+) -> list[str]:
+    """Publish finished, unpublished iterations (all, or those given). Returns the new tags.
+
+    ``configfile``: the run's config (default config/config.yaml), committed with the tags and
+    named in each manifest with the environment bit-identity depends on."""
+    from .reproduce.environment import describe
+
     root = Path(root).resolve()
     with dvc_lock(root):
         ensure_dvc(root)
+        run_entry, environment = None, None
         tags = set(run(["git", "tag", "--list", "iter-*"], root).stdout.split())
         todo = [d for d in iteration_dirs(root) if is_finished(d) and (iterations is None or int(d.name) in iterations)]
         new = []
@@ -152,6 +218,9 @@ def publish(root: str | os.PathLike = ".", iterations: Sequence[int] | None = No
             tag = f"iter-{d.name}"
             if tag in tags:
                 continue
+            if run_entry is None:
+                run_entry, config = run_record(root, configfile, log)
+                environment = describe(config)
             targets = [root / p for p in DATA_DIRS if (root / p).exists()] + [d]
             restore = _keep_mtimes(targets)
             try:
@@ -162,11 +231,14 @@ def publish(root: str | os.PathLike = ".", iterations: Sequence[int] | None = No
                 "iteration": d.name,
                 "files": manifest(root, targets),
                 "datasets_and_models": manifest(root, targets, data_only=True),
+                "run": run_entry,
+                "environment": environment,
             }
             write_json_atomic(root / "manifests" / f"{tag}.json", mf)
             add = [str(t.relative_to(root)) + ".dvc" for t in targets] + [f"manifests/{tag}.json"]
-            add += [p for p in ("iter/.gitignore", "data/.gitignore", "dvc.yaml", "config", "reports") if (root / p).exists()]
+            add += [p for p in ("iter/.gitignore", "data/.gitignore", "dvc.yaml", "config", "reports", run_entry["config_file"]) if p and (root / p).exists()]
             run(["git", "add", "-f"] + add, root)
+            run(["git", "add"] + [p for p in ("Snakefile", "rules") if (root / p).exists()], root)  # the workflow a reader re-executes
             run(["git", "commit", "-q", "--allow-empty", "-m", f"dpelt: publish iteration {d.name}"], root)
             run(["git", "tag", tag], root)
             new.append(tag)
@@ -197,11 +269,18 @@ def restore(root: str | os.PathLike, tag: str, log=print) -> dict:
     if not m:
         raise DpeltError(f"expected a tag like iter-003, got {tag!r}", key="tag")
     n = int(m.group(1))
+    # every precondition before anything moves: the tools, a DVC repository, the tag and its data
+    for name in ("git", "dvc"):
+        require_tool(name)
+    if not is_git_repo(root) or not (root / ".dvc").is_dir():
+        raise DpeltError("not a published run (no git repository with DVC here): nothing to restore", path=root)
     with dvc_lock(root):
         if run(["git", "rev-parse", "-q", "--verify", f"refs/tags/{tag}"], root, check=False).returncode != 0:
             raise DpeltError(f"no such tag {tag!r} (published iterations: {run(['git', 'tag', '--list', 'iter-*'], root).stdout.split()})", key="tag")
         tracked = run(["git", "ls-tree", "-r", "--name-only", tag], root).stdout.split()
         dvc_files = [f for f in tracked if f.endswith(".dvc") and (f.startswith("iter/") or f.startswith("data/"))]
+        if not dvc_files:
+            raise DpeltError(f"tag {tag!r} records no DVC-tracked data (iter/*.dvc, data/*.dvc)", key="tag")
         later = [d for d in iteration_dirs(root) if int(d.name) > n]
         moved = []
         attic = root / "attic" / time.strftime("%Y%m%d-%H%M%S")

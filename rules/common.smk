@@ -3,7 +3,9 @@
 
 import json
 import os
+import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.exceptions import WorkflowError
 
@@ -15,18 +17,24 @@ from pipeline.seeds import derive_seed
 # the file named in errors: the last --configfile, else the default config
 CONFIG_SOURCE = str(workflow.overwrite_configfiles[-1]) if workflow.overwrite_configfiles else "config/config.yaml"
 try:
-    validate_schema(config, Path(workflow.basedir) / "config" / "schema.yaml", CONFIG_SOURCE)  # one line naming the key
+    validate_schema(config, CONFIG_SOURCE)  # pipeline/schema.yaml; one line naming the key
     # the init inputs (init.data, structure files) only matter until the initial data exist
     cross_check(config, source=CONFIG_SOURCE, check_paths=not Path("data/init/frames.nc").exists())
 except ConfigError as exc:
     raise WorkflowError(f"dpelt: invalid configuration: {exc}") from None
 
-# label.timeout reaches `dpelt label`, `dpelt init` and `dpelt holdout` through the environment, not
-# through the rules' commands or params: a new or changed limit must not rerun finished steps.
-if config["label"]["timeout"] is not None:
-    os.environ.update(DPELT_LABEL_TIMEOUT=str(config["label"]["timeout"]))  # (set, not read: no envvars directive)
-else:
-    os.environ.pop("DPELT_LABEL_TIMEOUT", None)
+# label.timeout reaches `dpelt label`, `dpelt init` and `dpelt holdout` as their --timeout, through
+# a job resource (rules use `resources: label_timeout=LABEL_TIMEOUT`): unlike a param, a resource
+# is no rerun trigger, so a new or changed limit does not rerun finished steps.
+LABEL_TIMEOUT = "none" if config["label"]["timeout"] is None else repr(float(config["label"]["timeout"]))
+
+
+onstart:
+    # `dpelt resume` knows this run's driver (and, through it, its jobs) from this record, never
+    # from command lines; dpelt jobs record themselves when their ancestor is this driver
+    from pipeline.recovery import record_driver
+
+    record_driver(".")
 
 
 wildcard_constraints:
@@ -116,7 +124,18 @@ def task_table(i):
 
 
 def explore_outputs(wc):
+    if config["explore"]["batched"]:  # the task files exist once the iteration's batch job ran
+        checkpoints.explore_batch.get(i=wc.i)
     return [f"{iter_dir(wc.i)}/explore/{t}/frames.nc" for t in sorted(task_table(wc.i))]
+
+
+def explore_batch_tasks(wc):
+    """Every task of iteration {i} as JSON [{name, system, seed, spec}] (explore.batched)."""
+    tasks = []
+    for t in sorted(task_table(wc.i)):
+        w = SimpleNamespace(i=wc.i, task=t)
+        tasks.append({"name": t, "system": explore_system(w), "seed": explore_seed(w), "spec": json.loads(explore_spec(w))})
+    return spec_json(tasks)
 
 
 def explore_spec(wc):
@@ -164,6 +183,11 @@ def models_of(wc):
     return [f"{iter_dir(wc.i)}/train/{k}/model.pt" for k in range(NUMB_MODELS)]
 
 
+def fps_model(wc):
+    """The model whose descriptors spread the picked candidates (select.spread: fps), else none."""
+    return models_of(wc)[:1] if config["select"]["spread"] == "fps" else []
+
+
 def warm_start_model(wc):
     if config["train"]["warm_start"] and int(wc.i) > 0:
         return [ancient(f"{iter_dir(int(wc.i) - 1)}/train/{wc.k}/model.pt")]
@@ -179,6 +203,8 @@ def warm_start_args(wc):
         args += f" --steps {t['warm_start_steps']}"
     if t["warm_start_start_lr"] is not None:
         args += f" --start-lr {t['warm_start_start_lr']}"
+    if t["warm_start_refit_bias"]:
+        args += " --refit-bias"
     return args
 
 
@@ -238,7 +264,7 @@ def report_inputs(wc):
     out = []
     for i, _ in its:
         d = iter_dir(i)
-        out += [f"{d}/select/report.json", f"{d}/label/summary.json", f"{d}/eval/metrics.json", f"{d}/eval/parity.png"]
+        out += [f"{d}/select/report.json", f"{d}/label/summary.json", f"{d}/eval/metrics.json", f"{d}/eval/parity.png", f"{d}/eval/calibration.json"]
         out += [f"{d}/train/{k}/lcurve.csv" for k in range(NUMB_MODELS)]
     return out
 
@@ -253,4 +279,4 @@ def publish_finished_run():
     if not config["publish"]["auto"] or not Path(".git").exists():
         return
     remote = config["publish"]["remote"]
-    shell("dpelt publish --all" + (f" --remote {remote}" if remote else "") + " >> logs/publish.log 2>&1 || echo 'dpelt publish failed: see logs/publish.log'")
+    shell(f"dpelt publish --all --configfile {shlex.quote(CONFIG_SOURCE)}" + (f" --remote {remote}" if remote else "") + " >> logs/publish.log 2>&1 || echo 'dpelt publish failed: see logs/publish.log'")

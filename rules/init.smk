@@ -13,8 +13,10 @@ rule init:
     benchmark:
         "benchmarks/init.tsv"
     threads: THREADS["label"]
+    resources:
+        label_timeout=LABEL_TIMEOUT,
     shell:
-        "dpelt init --spec {params.spec:q} -o {output.frames} --workdir work/init --seed {params.seed} --threads {params.threads} > {log} 2>&1"
+        "dpelt init --spec {params.spec:q} -o {output.frames} --workdir work/init --seed {params.seed} --threads {params.threads} --timeout {resources.label_timeout} > {log} 2>&1"
 
 
 rule holdout:
@@ -32,5 +34,7 @@ rule holdout:
     benchmark:
         "benchmarks/holdout.tsv"
     threads: THREADS["label"]
+    resources:
+        label_timeout=LABEL_TIMEOUT,
     shell:
-        "dpelt holdout --spec {params.spec:q} -o {output.frames} --workdir work/holdout --seed {params.seed} --threads {params.threads} > {log} 2>&1"
+        "dpelt holdout --spec {params.spec:q} -o {output.frames} --workdir work/holdout --seed {params.seed} --threads {params.threads} --timeout {resources.label_timeout} > {log} 2>&1"

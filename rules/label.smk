@@ -22,7 +22,8 @@ rule label:
     threads: THREADS["label"]
     resources:
         label_attempt=label_attempt,
+        label_timeout=LABEL_TIMEOUT,
     shell:
         "OMP_NUM_THREADS={params.threads} dpelt label {input.candidates} -o iter/{wildcards.i}/label --oracle {params.oracle} "
         "--oracle-kwargs {params.kwargs:q} --max-failed-ratio {params.max_failed} --max-force {params.max_force} "
-        "--known {input.known} {params.retry} > {log} 2>&1"
+        "--known {input.known} {params.retry} --timeout {resources.label_timeout} > {log} 2>&1"

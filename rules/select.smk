@@ -6,6 +6,8 @@ checkpoint select:
         frames=explore_outputs,
         known=known_labels,
         earlier=earlier_select_reports,
+        # farthest-point spreading measures frames with the descriptor of the iteration's model 0
+        model=fps_model,
     output:
         candidates="iter/{i}/select/candidates.nc",
         report="iter/{i}/select/report.json",
@@ -23,6 +25,7 @@ checkpoint select:
         ),
         max_labels=config["select"]["max_labels"],
         spread=config["select"]["spread"],
+        model=lambda wc, input: f"-m {input.model}" if input.model else "",
         conv=config["select"]["conv_accuracy"],
         seed=select_seed,
         threads=THREADS["evaluate"],
@@ -32,6 +35,6 @@ checkpoint select:
         "benchmarks/select/{i}.tsv"
     threads: THREADS["evaluate"]
     shell:
-        "DPELT_THREADS={params.threads} dpelt select {input.frames} -o iter/{wildcards.i}/select {params.trust} {params.virial} {params.adapt} "
-        "--max-labels {params.max_labels} --spread {params.spread} --conv-accuracy {params.conv} --seed {params.seed} "
-        "--iteration {wildcards.i} --labelled {input.known} > {log} 2>&1"
+        "dpelt select {input.frames} -o iter/{wildcards.i}/select {params.trust} {params.virial} {params.adapt} "
+        "--max-labels {params.max_labels} --spread {params.spread} {params.model} --conv-accuracy {params.conv} --seed {params.seed} "
+        "--iteration {wildcards.i} --labelled {input.known} --threads {params.threads} > {log} 2>&1"

@@ -89,9 +89,44 @@ def run_model(model: DeepPot, pos, cell, atype, pbc=(True, True, True), counts_f
     return {"energy": float(out["energy"][0].detach()), "force": out["force"][0].detach().numpy(), "virial": out["virial"][0].detach().numpy(), "atom_energy": out["atom_energy"][0].detach().numpy()}
 
 
+def _ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+_SKIPPED: list[tuple[str, str]] = []  # (test, reason) of every skip in this session
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _SKIPPED.append((report.nodeid, reason.removeprefix("Skipped: ")))
+
+
+def disallowed_skips() -> list[tuple[str, str]]:
+    """Skips of this session that tests/allowed_skips.py does not list."""
+    import re
+
+    from allowed_skips import ALLOWED_SKIPS
+
+    return [(test, why) for test, why in _SKIPPED if not any(re.search(p, why) for p in ALLOWED_SKIPS)]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _ci() and disallowed_skips():
+        terminalreporter.section("skipped in CI without being allowed (tests/allowed_skips.py)", red=True)
+        for test, why in disallowed_skips():
+            terminalreporter.line(f"{test}: {why}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With CI=true, a skip not listed in tests/allowed_skips.py fails the session."""
+    if _ci() and disallowed_skips() and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` run with DPELT_RUN_SLOW=1 (``make test-all``), not in CI."""
-    if os.environ.get("DPELT_RUN_SLOW") or not os.environ.get("CI"):
+    if os.environ.get("DPELT_RUN_SLOW") or not _ci():
         return
     skip = pytest.mark.skip(reason="slow test: skipped when CI=true; run with `make test-all`")
     for item in items:

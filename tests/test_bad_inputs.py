@@ -381,3 +381,33 @@ def test_init_paths_checked_only_until_the_initial_data_exist(tmp_path, monkeypa
     with pytest.raises(DpeltError, match=r"init\.data\[0\]"):
         cross_check(cfg, "run.yaml")
     cross_check(cfg, "run.yaml", check_paths=False)
+
+
+def test_explore_options_left_out_take_the_schemas_defaults(tmp_path, monkeypatch):
+    """`dpelt explore` without --spec builds the same task as the workflow from the run config
+    schema's defaults (argparse has none of its own): e.g. the time step is explore.dt_fs."""
+    import numpy as np
+
+    import pipeline.calculator
+    import pipeline.explore.md
+    from pipeline.cli import explore_task_spec, main
+    from pipeline.data import make_frames
+    from pipeline.data.netcdf import write_frames
+    from pipeline.runconfig import resolved_section, schema_default
+
+    explore = resolved_section("explore", {})  # the section with every default filled in
+    tasks = []
+    monkeypatch.setattr(pipeline.calculator, "EnsembleCalculator", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline.explore.md, "run_md", lambda task, *a, **k: tasks.append(task) or {"status": "done", "reason": "", "frames": 0, "steps_done": 0})
+    write_frames(tmp_path / "start.nc", make_frames(coord=np.random.default_rng(0).random((1, 2, 3)) * 3, cell=np.eye(3) * 3, atom_type=[0, 0], type_map=["Cu"]))
+    common = ["explore", "-m", "m.pt", "--start", str(tmp_path / "start.nc"), "-o", str(tmp_path / "e"), "--seed", "1"]
+    assert main(common + ["--temp", "300", "--nsteps", "20", "--bias", "udd"]) == 0
+    task = tasks[-1]
+    assert task.dt_fs == schema_default("explore.dt_fs") == 2.0 and task.tau_t_fs == schema_default("explore.tau_t_fs")
+    assert task.bias.kind == "udd" and task.bias.width == explore["bias"]["width"]
+    assert (task.bias.trust_lo, task.bias.trust_hi) == (schema_default("select.trust_lo"), schema_default("select.trust_hi"))
+    assert task.guards.min_distance == explore["guards"]["min_distance"]
+    # a --spec is completed from the same defaults; nested sections merge key by key
+    assert main(common + ["--spec", '{"temperature_K": 300, "nsteps": 20, "bias": {"kind": "udd"}}']) == 0
+    assert tasks[-1] == task
+    assert explore_task_spec({"guards": {"devi_patience": 7}})["guards"]["min_distance"] == explore["guards"]["min_distance"]

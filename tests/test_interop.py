@@ -1,10 +1,11 @@
 """DeePMD-kit interoperability (issue 6): export/import of se_e2_a models.
 
 DeePMD-kit is not importable in dpelt's venv. Every check that needs it runs DeePMD-kit 3.x in
-ONE subprocess per test session, with the interpreter of ``bench/work/deepmd-venv`` (made by
-``bench/deepmd/setup_venv.sh``; override with ``$DPELT_DEEPMD_PYTHON``): the module fixture
-``deepmd`` prepares every model and frame on the dpelt side, runs the batch, and the tests
-compare. Tests that need no DeePMD-kit (round trips, refusals, CLI) always run.
+ONE subprocess per test session, with the interpreter of its own venv: ``$DPELT_DEEPMD_PYTHON``,
+else ``${XDG_CACHE_HOME:-~/.cache}/dpelt/deepmd-pt-venv/bin/python`` (``make deepmd-venv``, run
+by ``.ci/run``, creates it with ``bench/deepmd/setup_venv.sh``): the module fixture ``deepmd``
+prepares every model and frame on the dpelt side, runs the batch, and the tests compare. Tests
+that need no DeePMD-kit (round trips, refusals, CLI) always run.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import torch
 
 from conftest import WATER, random_system, randomize_stats, run_model
 from pipeline.errors import ModelFileError
-from pipeline.interop.deepmd_format import deepmd_dict, export_deepmd, import_deepmd, model_from_deepmd_dict, read_deepmd_file, write_deepmd_file
+from pipeline.interop.deepmd_export import deepmd_dict, export_deepmd
+from pipeline.interop.deepmd_format import read_deepmd_file, write_deepmd_file
+from pipeline.interop.deepmd_import import import_deepmd, model_from_deepmd_dict
 from pipeline.model.config import parse_model_config
 from pipeline.model.deeppot import DeepPot
 from pipeline.model.neighbor import neighbor_counts
@@ -31,13 +34,13 @@ from pipeline.model.serialize import load_model, save_model
 from pipeline.model.stats import EnvStatAccumulator, fit_energy_bias
 
 ROOT = Path(__file__).resolve().parents[1]
-DEEPMD_PYTHON = Path(os.environ.get("DPELT_DEEPMD_PYTHON", ROOT / "bench" / "work" / "deepmd-venv" / "bin" / "python"))
-TRAINED_PTH = ROOT / "bench" / "work" / "dp-200" / "model.pth"  # frozen by `dp --pt freeze` in the water benchmark
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+DEEPMD_PYTHON = Path(os.environ.get("DPELT_DEEPMD_PYTHON") or CACHE / "dpelt" / "deepmd-pt-venv" / "bin" / "python")
 RTOL = 1e-8
 
 needs_deepmd = pytest.mark.skipif(
     not DEEPMD_PYTHON.exists(),
-    reason=f"DeePMD-kit not installed: {DEEPMD_PYTHON} is absent (create it with `bench/deepmd/setup_venv.sh bench/work/deepmd-venv`, or set DPELT_DEEPMD_PYTHON)",
+    reason=f"DeePMD-kit not installed: {DEEPMD_PYTHON} is absent (create it with `make deepmd-venv`, or set DPELT_DEEPMD_PYTHON)",
 )
 
 # --------------------------------------------------------------------------------------------
@@ -225,10 +228,27 @@ def dp_test(job):
                 h.close()
 
 
+def train_and_freeze(job):
+    # `dp --pt train` then `dp --pt freeze`, in the job's own directory (checkpoints, lcurve.out)
+    import os
+
+    here = os.getcwd()
+    os.makedirs(job["dir"], exist_ok=True)
+    os.chdir(job["dir"])
+    try:
+        json.dump(job["input"], open("input.json", "w"))
+        dp_main(["--pt", "train", "input.json", "--skip-neighbor-stat"])
+        dp_main(["--pt", "freeze", "-o", job["out"]])
+    finally:
+        os.chdir(here)
+
+
 for job in spec["native"]:
     timed("native:" + job["name"], lambda: make_native(job))
 for src, dst in spec["convert"]:
     timed(f"convert:{src}->{dst}", lambda: convert_backend(INPUT=src, OUTPUT=dst))
+for job in spec["train"]:
+    timed("train:" + job["out"], lambda: train_and_freeze(job))
 for job in spec["eval"]:
     timed("eval:" + job["out"], lambda: evaluate(job))
 for job in spec["dp_test"]:
@@ -255,6 +275,17 @@ BAD_NATIVE = [
 ]
 
 
+def trained_input(sel, system: Path) -> dict:
+    """A DeePMD-kit training input: a small pair-net model, a few steps on ``system``."""
+    desc = _BASE_DESC | {"sel": list(sel), "neuron": [4, 8], "type_one_side": False, "resnet_dt": True}
+    return {
+        "model": {"type_map": ["Cu", "Au"], "descriptor": desc, "fitting_net": _BASE_FIT | {"neuron": [8, 8], "resnet_dt": True}},
+        "learning_rate": {"type": "exp", "start_lr": 0.001, "stop_lr": 0.0001, "decay_steps": 5},
+        "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1, "start_pref_v": 0, "limit_pref_v": 0},
+        "training": {"training_data": {"systems": [str(system)], "batch_size": 1}, "numb_steps": 10, "seed": 3, "disp_file": "lcurve.out", "disp_freq": 5, "save_freq": 10},
+    }
+
+
 def _native_config(**override) -> dict:
     cfg = {"type_map": ["Cu", "Au"], "descriptor": dict(_BASE_DESC), "fitting_net": dict(_BASE_FIT)}
     cfg.update(copy.deepcopy(override))
@@ -265,9 +296,9 @@ def _native_config(**override) -> dict:
 def deepmd(tmp_path_factory):
     """Everything DeePMD-kit computes for this module, in one subprocess."""
     if not DEEPMD_PYTHON.exists():
-        pytest.skip(f"DeePMD-kit not installed: {DEEPMD_PYTHON} is absent (bench/deepmd/setup_venv.sh creates it)")
+        pytest.skip(f"DeePMD-kit not installed: {DEEPMD_PYTHON} is absent (create it with `make deepmd-venv`, or set DPELT_DEEPMD_PYTHON)")
     w = tmp_path_factory.mktemp("deepmd")
-    spec = {"native": [], "convert": [], "eval": [], "dp_test": []}
+    spec = {"native": [], "convert": [], "train": [], "eval": [], "dp_test": []}
     ctx: dict = {"dir": w, "models": {}, "frames": {}, "ours": {}}
 
     def add_frames(name, coord, cell, atype):
@@ -301,6 +332,9 @@ def deepmd(tmp_path_factory):
     pred = dpelt_predict(alloy, cs, bs, as_)
     write_npy_system(w / "alloy_sys", ["Cu", "Au"], a0, cs, bs, pred["energy"] + rng.normal(0, 0.05, 3), pred["force"] + rng.normal(0, 0.1, pred["force"].shape), pred["virial"] + rng.normal(0, 0.1, (3, 3, 3)))
     spec["dp_test"].append({"model": str(w / "alloy.pth"), "system": str(w / "alloy_sys"), "log": str(w / "alloy_test.log")})
+    # -- a model trained (a few steps on alloy_sys) and frozen by DeePMD-kit itself ------------
+    spec["train"].append({"dir": str(w / "dp_train"), "input": trained_input(sel, w / "alloy_sys"), "out": str(w / "trained.pth")})
+    add_eval(w / "trained.pth", "alloy", "trained_pth")
     # -- water: DeePMD's example data, one embedding per neighbour type, resnet_dt -----------
     if (WATER / "data_3" / "type.raw").exists():
         coord, cell, atype, energy, force = water_frames(4)
@@ -313,9 +347,6 @@ def deepmd(tmp_path_factory):
         add_eval(w / "water.pth", "water", "water_pth")
         write_npy_system(w / "water_sys", ["O", "H"], atype[0], coord, cell, energy, force)
         spec["dp_test"].append({"model": str(w / "water.pth"), "system": str(w / "water_sys"), "log": str(w / "water_test.log")})
-        if TRAINED_PTH.exists():  # a model trained and frozen by DeePMD-kit itself
-            add_frames("water1", coord[:1], cell[:1], atype[:1])
-            add_eval(TRAINED_PTH, "water1", "trained_pth")
     # -- models made by DeePMD-kit itself (random weights, randomised statistics) ------------
     pair_cfg = _native_config(descriptor=_BASE_DESC | {"sel": sel, "neuron": [4, 8, 16], "type_one_side": False, "resnet_dt": True}, fitting_net=_BASE_FIT | {"neuron": [16, 16]})
     one_cfg = _native_config(descriptor=_BASE_DESC | {"sel": sel, "neuron": [4, 8, 8], "type_one_side": True}, fitting_net=_BASE_FIT | {"neuron": [12, 12], "resnet_dt": False})
@@ -482,11 +513,12 @@ def test_import_deepmd_model(deepmd, source, tag, tmp_path):
 
 @needs_deepmd
 def test_import_model_trained_by_deepmd(deepmd):
-    """The water benchmark's model, trained and frozen (`dp --pt freeze`) by DeePMD-kit."""
-    if not TRAINED_PTH.exists() or "water1" not in deepmd["frames"]:
-        pytest.skip(f"no DeePMD-kit-trained model at {TRAINED_PTH} (made by bench/water.py) or no water data")
-    model = import_deepmd(TRAINED_PTH)
-    ours = dpelt_predict(model, *deepmd["frames"]["water1"])
+    """A model trained (`dp --pt train`, a few steps) and frozen (`dp --pt freeze`) by DeePMD-kit:
+    its own statistics, biases and weights, imported with the same predictions."""
+    errors = {k: v for k, v in deepmd["report"]["errors"].items() if "trained" in k}
+    assert not errors, "\n".join(errors.values())
+    model = import_deepmd(deepmd["dir"] / "trained.pth")
+    ours = dpelt_predict(model, *deepmd["frames"]["alloy"])
     report_line(deepmd, "trained water .pth", assert_same_prediction(deepmd_result(deepmd, "trained_pth"), ours, what="trained .pth"))
 
 
@@ -681,3 +713,17 @@ def test_yaml_and_dp_hold_the_same_tree(tmp_path, alloy_model):
         assert tree["model"]["descriptor"]["@variables"]["davg"].startswith("/variable_")
     write_deepmd_file(a, tmp_path / "copy.dp")
     assert not _same_tree(read_deepmd_file(tmp_path / "copy.dp"), a)
+
+
+def test_package_docstring_says_what_imports(tmp_path):
+    """The package's summary lists exactly the importable suffixes; a .pt checkpoint is refused."""
+    import pipeline.interop as interop
+    from pipeline.interop.deepmd_format import IMPORT_SUFFIXES
+
+    doc = interop.__doc__
+    for suffix in IMPORT_SUFFIXES:
+        assert f"``{suffix}``" in doc, suffix
+    (tmp_path / "model.ckpt.pt").write_bytes(b"")
+    with pytest.raises(ModelFileError, match="training checkpoint"):
+        import_deepmd(tmp_path / "model.ckpt.pt")
+    assert re.search(r"``\.pt`` training checkpoint is refused", doc)

@@ -325,16 +325,21 @@ def test_time_limit_leaves_a_finished_calculation_alone():
     assert signal.getsignal(signal.SIGALRM) is before
 
 
-def test_cli_label_timeout_from_the_workflow_environment(tmp_path, monkeypatch):
-    from pipeline.label.cli import label_timeout
+def test_cli_label_timeout_is_an_explicit_option(monkeypatch, capsys):
+    """--timeout takes seconds or 'none' (what the workflow passes for label.timeout); no
+    environment variable steers it."""
+    from pipeline.cli import build_parser
 
-    monkeypatch.delenv("DPELT_LABEL_TIMEOUT", raising=False)
-    assert label_timeout(None) is None
     monkeypatch.setenv("DPELT_LABEL_TIMEOUT", "90")
-    assert label_timeout(None) == 90.0 and label_timeout(5.0) == 5.0
-    monkeypatch.setenv("DPELT_LABEL_TIMEOUT", "soon")
-    with pytest.raises(ConfigError, match=r"\$DPELT_LABEL_TIMEOUT \[label.timeout\]"):
-        label_timeout(None)
+    p = build_parser()
+    for cmd in (["label", "c.nc", "-o", "out"], ["init", "--spec", "{}", "-o", "x.nc", "--seed", "1"], ["holdout", "--spec", "{}", "-o", "x.nc", "--seed", "1"]):
+        assert p.parse_args(cmd).timeout is None
+        assert p.parse_args(cmd + ["--timeout", "none"]).timeout is None
+        assert p.parse_args(cmd + ["--timeout", "600.0"]).timeout == 600.0
+        for bad in ("soon", "0"):
+            with pytest.raises(SystemExit):
+                p.parse_args(cmd + ["--timeout", bad])
+    assert "expected seconds or 'none', got 'soon'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- never label twice

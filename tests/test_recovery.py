@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -54,9 +57,17 @@ def in_flight(run: Path) -> set[str]:
 
 
 def processes_in(run: Path) -> list[int]:
-    from pipeline.recovery import _processes_in
-
-    return [pid for pid, _ in _processes_in(run)]
+    """Every process whose working directory is ``run`` (the test's own view; dpelt never looks
+    at working directories or command lines)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if Path(os.readlink(entry / "cwd")).resolve() == run.resolve():
+                    out.append(int(entry.name))
+            except OSError:
+                pass
+    return sorted(out)
 
 
 def wait_for(cond, timeout: float = 300.0, step: float = 0.05) -> bool:
@@ -126,8 +137,14 @@ def test_kill_mid_train_mid_md_mid_label_then_resume(tmp_path, reference):
 
 
 def test_resume_refuses_a_live_run_and_second_run_is_refused(tmp_path):
-    run = workflow_dir(tmp_path / "live", recovery_config())
-    proc = start(run)
+    """From a directory named dpelt (the default clone name) and a command line that says dpelt:
+    the live driver is known from its record, not taken for an orphan."""
+    run = workflow_dir(tmp_path / "dpelt", recovery_config())
+    config = str(run / "config" / "run.yaml")  # the driver's command line contains "dpelt"
+    proc = subprocess.Popen(
+        [str(BIN / "snakemake"), "--configfile", config, "--cores", "2"],
+        cwd=run, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
     try:
         assert wait_for(lambda: bool(in_flight(run)) or proc.poll() is not None)
         # a second driver is refused: by Snakemake's incomplete-files check while the first has
@@ -137,11 +154,76 @@ def test_resume_refuses_a_live_run_and_second_run_is_refused(tmp_path):
             out = second.stdout + second.stderr
             assert second.returncode != 0
             assert "LockException" in out or "cannot be locked" in out or (not extra and "Incomplete files" in out), out[-2000:]
-        r = dpelt(run, "resume")
-        assert r.returncode == 2 and "a run is still active here" in r.stderr
+        r = dpelt(run, "resume", "--configfile", config)
+        assert r.returncode == 2 and "a run is still active here" in r.stderr, r.stdout + r.stderr
+        assert proc.poll() is None  # the live run was left alone
+        # its jobs recorded themselves, with the driver that started them
+        assert wait_for(lambda: any(json.loads(p.read_text())["driver"]["pid"] == proc.pid for p in (run / ".dpelt/run/jobs").glob("*.json")), timeout=60)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def test_resume_stops_the_jobs_of_a_killed_driver_only(tmp_path):
+    """Only the driver is killed (SIGKILL): its running jobs are stopped by resume, from their
+    records; a process that merely looks like a job (an editor on snakemake.log in the run
+    directory, under a path containing dpelt) is never touched."""
+    run = workflow_dir(tmp_path / "dpelt", recovery_config())
+    config = str(run / "config" / "run.yaml")
+    bystander = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)", "snakemake.log", "dpelt"], cwd=run, start_new_session=True
+    )
+    proc = subprocess.Popen(
+        [str(BIN / "snakemake"), "--configfile", config, "--cores", "2", "iter/000/train/0/model.pt"],
+        cwd=run, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    jobs = run / ".dpelt" / "run" / "jobs"
+    try:
+        assert wait_for(lambda: any(jobs.glob("*.json")) or proc.poll() is not None, timeout=120)
+        assert proc.poll() is None, "the run ended before a job was seen"
+        job_pids = [json.loads(p.read_text())["pid"] for p in jobs.glob("*.json")]
+        os.kill(proc.pid, signal.SIGKILL)  # the driver alone: its jobs run on
+        proc.wait()
+        assert any(Path(f"/proc/{pid}").exists() for pid in job_pids)
+        # --dry-run: nothing is rerun, the test is about the stopped jobs
+        resume = [str(BIN / "dpelt"), "resume", "--configfile", config, "data/init/frames.nc", "--dry-run"]
+        r = subprocess.run(resume, cwd=run, env=env(), capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "job processes left by the killed run" in r.stdout
+        assert not any(Path(f"/proc/{pid}").exists() and not Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z" for pid in job_pids)
+        assert bystander.poll() is None  # looked like a job, was not one
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        bystander.kill()
+        bystander.wait()
+
+
+def test_records_are_trusted_only_with_their_start_time(tmp_path):
+    """A recorded PID whose process start time differs (the PID was reused) is neither a live
+    driver nor an orphan to stop."""
+    from pipeline import recovery
+
+    run = tmp_path / "dpelt"
+    run.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "snakemake", "dpelt"], cwd=run)
+    try:
+        assert wait_for(lambda: recovery.start_time(other.pid) is not None)
+        real = recovery.record_driver(run, pid=other.pid)
+        assert recovery.live_driver(run) == real
+        # the same PID with another start time: a different process
+        reused = recovery.Proc(other.pid, real.start + 1)
+        (run / ".dpelt/run/driver.json").write_text(json.dumps({"pid": reused.pid, "start": reused.start}))
+        assert recovery.live_driver(run) is None
+        (run / ".dpelt/run/jobs").mkdir()
+        (run / ".dpelt/run/jobs" / f"{other.pid}.json").write_text(json.dumps({"pid": reused.pid, "start": reused.start, "driver": {"pid": 1, "start": 0}}))
+        assert recovery.leftover_processes(run) == []
+        recovery.stop_processes([reused], grace_s=0.2)
+        assert other.poll() is None  # never signalled
+        assert not list((run / ".dpelt/run/jobs").glob("*.json"))  # the stale record is dropped
+    finally:
+        other.kill()
+        other.wait()
 
 
 LABEL0 = "iter/000/label/frames.nc"
@@ -217,3 +299,37 @@ def test_exploded_task_does_not_stop_the_iteration(tmp_path):
     (tmp_path / "t" / "md.json").write_text('{"status": "stopped", "reason": "atoms 0.3 A apart", "steps_done": 0}')
     r = select([tmp_path / "a.nc", tmp_path / "t" / "frames.nc"], SelectConfig(trust_lo=0.05, trust_hi=0.2, conv_accuracy=0.1), seed=1, out_dir=tmp_path / "s3")
     assert not r["converged"] and "apart" in r["stopped_tasks"][0]["reason"]
+
+
+def test_restore_checks_its_tools_before_moving_anything(tmp_path, monkeypatch):
+    """dvc missing (not beside the interpreter, not on PATH): one error, no iteration moved."""
+    from pipeline.errors import DpeltError
+    from pipeline.versioning import restore
+
+    run = tmp_path / "run"
+    for i in range(3):
+        (run / "iter" / f"{i:03d}" / "eval").mkdir(parents=True)
+    (run / ".dvc").mkdir()
+    for cmd in (["git", "init", "-q"], ["git", "-c", "user.email=ci@example.org", "-c", "user.name=ci", "commit", "-q", "--allow-empty", "-m", "x"], ["git", "tag", "iter-000"]):
+        subprocess.run(cmd, cwd=run, check=True)
+    only_git = tmp_path / "bin"
+    only_git.mkdir()
+    (only_git / "git").symlink_to(shutil.which("git"))
+    monkeypatch.setenv("PATH", str(only_git))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "elsewhere" / "python"))
+    with pytest.raises(DpeltError, match="dvc is not installed"):
+        restore(run, "iter-000")
+    assert sorted(p.name for p in (run / "iter").iterdir()) == ["000", "001", "002"] and not (run / "attic").exists()
+
+
+def test_restore_from_the_venv_without_activating_it(tmp_path, finished_run):
+    """`.venv/bin/dpelt restore` with a PATH that has no dvc: dpelt finds the dvc beside itself."""
+    run = tmp_path / "pub"
+    shutil.copytree(finished_run, run, symlinks=True)
+    assert subprocess.run([str(BIN / "dpelt"), "publish", "--all"], cwd=run, env=env(), capture_output=True).returncode == 0
+    bare = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"} | {"PATH": "/usr/bin:/bin"}
+    assert shutil.which("dvc", path=bare["PATH"]) is None
+    r = subprocess.run([str(BIN / "dpelt"), "restore", "iter-000"], cwd=run, env=bare, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not (run / "iter" / "001").exists() and list((run / "attic").glob("*/001"))
+    assert (run / "iter" / "000" / "label" / "frames.nc").exists()

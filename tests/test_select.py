@@ -101,3 +101,60 @@ def test_select_cli(tmp_path, capsys):
     assert "selected 3" in capsys.readouterr().out
     assert main(["select", str(tmp_path / "a.nc"), "-o", str(tmp_path / "s"), "--trust-lo", "0.2", "--trust-hi", "0.15", "--seed", "1"]) == 2
     assert "[trust_lo]: need 0 <= trust_lo < trust_hi" in capsys.readouterr().err
+
+
+def test_select_cli_fps_needs_and_uses_a_model(tmp_path, capsys):
+    """--spread fps with more candidates than max_labels: picks through the model's descriptor;
+    without -m it is refused before any work (not only once candidates exceed max_labels)."""
+    from conftest import tiny_model_config
+    from pipeline.cli import main
+    from pipeline.model.deeppot import DeepPot
+    from pipeline.model.serialize import save_model
+
+    from dataclasses import replace
+
+    model = DeepPot(replace(tiny_model_config(), type_map=("Cu", "Au")))
+    save_model(model, model.config, tmp_path / "m.pt")
+    write_frames(tmp_path / "a.nc", explored(np.full(12, 0.1)))  # 12 candidates
+    args = ["select", str(tmp_path / "a.nc"), "--trust-lo", "0.05", "--trust-hi", "0.15", "--max-labels", "3", "--seed", "1", "--spread", "fps"]
+    assert main(args + ["-o", str(tmp_path / "none")]) == 2
+    assert "[spread]" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    assert main(args + ["-o", str(tmp_path / "s"), "-m", str(tmp_path / "m.pt")]) == 0
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["candidates_available"] == 12 and report["selected"] == 3
+
+
+def test_fps_spread_through_the_workflow(tmp_path, finished_run):
+    """select.spread: fps in a run config with more candidates than max_labels: the select rule
+    passes a model and the pick is made in descriptor space."""
+    import shutil
+
+    import yaml
+
+    from test_workflow import snakemake
+
+    run = tmp_path / "fps"
+    shutil.copytree(finished_run, run, symlinks=True)
+    cfg = yaml.safe_load((run / "config" / "test.yaml").read_text())
+    cfg["select"].update(spread="fps", max_labels=1)
+    (run / "config" / "test.yaml").write_text(yaml.safe_dump(cfg))
+    snakemake(run, "--cores", "1", "iter/000/select/report.json")  # the changed settings rerun select
+    report = json.loads((run / "iter/000/select/report.json").read_text())
+    assert report["spread"] == "fps" and report["candidates_available"] > report["selected"] == 1
+    assert len(read_frames(run / "iter/000/select/candidates.nc")[0]["frame"]) == 1
+
+
+def test_select_cli_defaults_come_from_the_run_config_schema(tmp_path, capsys):
+    """Options left out take the schema's defaults (select.max_labels: 50), not argparse's own."""
+    from pipeline.cli import main
+    from pipeline.runconfig import schema_default
+
+    write_frames(tmp_path / "a.nc", explored(np.full(80, 0.1)))  # 80 candidates
+    assert main(["select", str(tmp_path / "a.nc"), "-o", str(tmp_path / "s"), "--trust-lo", "0.05", "--trust-hi", "0.15", "--seed", "1"]) == 0
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    for key in ("max_labels", "spread", "conv_accuracy"):
+        assert report[key] == schema_default(f"select.{key}"), key
+    assert report["selected"] == schema_default("select.max_labels") == 50
+    library = SelectConfig(trust_lo=0.05, trust_hi=0.15)  # the library's dataclass: the same defaults
+    for key in ("max_labels", "spread", "conv_accuracy", "adapt_perc_candi"):
+        assert getattr(library, key) == schema_default(f"select.{key}"), key

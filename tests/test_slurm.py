@@ -49,6 +49,20 @@ def slurm():
         subprocess.run(["bash", str(ROOT / "scripts" / "stop-local-slurm.sh")], capture_output=True, text=True, timeout=120)
 
 
+def test_profile_requests_no_gpu():
+    """No code path uses CUDA: the profile must not make a cluster user pay for idle GPUs, nor
+    suggest it in a comment to uncomment."""
+    path = ROOT / "config" / "profiles" / "slurm" / "config.yaml"
+    prof = yaml.safe_load(path.read_text())
+    sections = [prof.get("default-resources", {})] + list(prof.get("set-resources", {}).values())
+    for res in sections:
+        for key, value in res.items():
+            assert "gpu" not in key.lower() and key not in ("gres", "slurm_extra"), (key, value)
+            assert "gpu" not in str(value).lower(), (key, value)
+    requests = [line for line in path.read_text().splitlines() if re.search(r"^\s*#?\s*(gres|gpus?\w*|slurm_partition)\s*:.*gpu", line, re.I)]
+    assert not requests, requests
+
+
 def slurm_profile(run: Path) -> Path:
     """The project's SLURM profile, pointed at the local partition with memory that fits the node."""
     prof = yaml.safe_load((ROOT / "config" / "profiles" / "slurm" / "config.yaml").read_text())

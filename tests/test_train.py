@@ -151,8 +151,7 @@ def test_normalized_loss_has_deepmd_weights_and_a_constant_scale():
 
     deepmd = LossConfig(start_pref_v=0.5, limit_pref_v=2.0)
     ours = LossConfig(start_pref_v=0.5, limit_pref_v=2.0, normalize_prefactors=True)
-    assert ours == LossConfig(start_pref_v=0.5, limit_pref_v=2.0)  # the default
-    deepmd = replace(deepmd, normalize_prefactors=False)
+    assert deepmd == LossConfig(start_pref_v=0.5, limit_pref_v=2.0, normalize_prefactors=False)  # the default: a DeePMD-kit input trains as in DeePMD-kit
     gen = torch.Generator().manual_seed(0)
     pred = {k: torch.randn(*shape, generator=gen, dtype=torch.float64) for k, shape in (("energy", (2,)), ("force", (2, 5, 3)), ("virial", (2, 9)))}
     label = {k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in pred.items()}
@@ -320,3 +319,56 @@ def test_deepmd_water_example_trains_as_is(tmp_path, water_dir):
     from pipeline.model.serialize import load_model
 
     assert load_model(model_path).sel == [46, 92]
+
+
+def _energy_offset(model_path: Path, data: Path) -> float:
+    """Mean (model − label) energy per atom over the frames of ``data`` (eV/atom)."""
+    from pipeline.data.io import read_systems
+    from pipeline.evaluate import predict
+    from pipeline.model.serialize import load_model
+
+    model = load_model(model_path).eval()
+    (ds,) = read_systems(data, type_map=model.type_map, require_labels=True)
+    return float(((predict(model, ds)["energy"] - ds["energy"].values) / ds.sizes["atom"]).mean())
+
+
+@pytest.fixture(scope="session")
+def shifted_emt_data(emt_data, tmp_path_factory):
+    """emt_data's training frames with every energy 0.05 eV/atom higher (forces unchanged):
+    the new data's energy zero differs from the one a warm-start model was fitted to."""
+    from pipeline.data.io import read_systems
+
+    d = tmp_path_factory.mktemp("shifted")
+    (ds,) = read_systems(emt_data / "train.nc", require_labels=True)
+    write_frames(d / "train.nc", ds.assign(energy=ds["energy"] + 0.05 * ds.sizes["atom"]))
+    return d
+
+
+def test_warm_start_refit_bias_moves_the_energy_zero_to_the_new_data(tmp_path, emt_data, shifted_emt_data):
+    first = train(tiny_config(emt_data, steps=60), tmp_path / "first", log=lambda s: None)
+    cfg = replace(tiny_config(shifted_emt_data, steps=0), training=replace(tiny_config(shifted_emt_data).training, numb_steps=0, validation_data=None))
+    kept = train(cfg, tmp_path / "kept", init_model=first, log=lambda s: None)
+    refit = train(cfg, tmp_path / "refit", init_model=first, refit_bias=True, log=lambda s: None)
+    data = shifted_emt_data / "train.nc"
+    assert _energy_offset(kept, data) == pytest.approx(_energy_offset(first, data))  # DeePMD-kit's --init-model: the old zero
+    assert abs(_energy_offset(kept, data)) > 0.01
+    assert abs(_energy_offset(refit, data)) < 1e-9  # one element: the least-squares shift zeroes the mean residual
+    from pipeline.data.io import read_systems
+    from pipeline.evaluate import predict
+    from pipeline.model.serialize import load_model
+
+    (ds,) = read_systems(data, require_labels=True)
+    fa, fb = (predict(load_model(p).eval(), ds)["force"] for p in (kept, refit))
+    assert abs(fa - fb).max() < 1e-12  # a per-element constant has no force
+
+
+def test_change_bias_after_training_zeroes_the_mean_energy_residual_and_resumes_exactly(tmp_path, emt_data):
+    data = emt_data / "train.nc"
+    plain = train(tiny_config(emt_data, steps=40), tmp_path / "plain", log=lambda s: None)
+    cfg = tiny_config(emt_data, steps=40, change_bias_after_training=True)
+    after = train(cfg, tmp_path / "after", log=lambda s: None)
+    assert abs(_energy_offset(plain, data)) > 1e-5
+    assert abs(_energy_offset(after, data)) < 1e-9
+    # the final checkpoint is written before the refit: resuming from it refits once, as the run did
+    again = train(cfg, tmp_path / "after", restart=tmp_path / "after" / "checkpoint.pt", log=lambda s: None)
+    assert again.read_bytes() == after.read_bytes()

@@ -130,8 +130,10 @@ def test_two_iteration_run(finished_run, tmp_path):
     resolved = json.loads((run / "iter/001/train/0/input.json").read_text())
     systems = resolved["training"]["training_data"]["systems"]
     assert systems == ["data/init/frames.nc", "iter/000/label/frames.nc"]
-    for png in ("ratios", "deviation", "lcurve", "parity"):
+    for png in ("ratios", "deviation", "lcurve", "parity", "calibration"):
         assert (run / "reports" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    # every iteration's calibration: its labelled frames' deviation against their true error
+    assert [c["labelled_frames"] for c in summary["calibration"]] == [summary["per_iteration"][k]["labelled"] for k in range(2)]
     rows = (run / "reports" / "iterations.csv").read_text().splitlines()
     assert rows[0].startswith("iteration,stage") and len(rows) == 3
     # nothing left to do

@@ -1,9 +1,10 @@
-"""DeePMD-kit (PyTorch backend, CPU) half of the water se_e2_a side-by-side benchmark.
+"""DeePMD-kit (CPU; PyTorch or TensorFlow backend) half of the water se_e2_a side-by-side benchmark.
 
-Run with the python of the venv made by bench/deepmd/setup_venv.sh:
+Run with the python of the venv made by bench/deepmd/setup_venv.sh (``--backend pt``) or
+bench/deepmd/setup_tf_venv.sh (``--backend tf``):
 
     VENV/bin/python bench/deepmd/run_deepmd.py --data DIR --steps N --work WORKDIR --out OUT.json \
-        [--threads 2] [--infer-calls 100] [--md-steps 100]
+        [--backend pt|tf] [--threads 2] [--infer-calls 100] [--md-steps 100]
 
 DIR holds the DeePMD-kit water systems data_0..data_3 (deepmd/npy, 192 atoms per frame).
 Steps, all with OMP_NUM_THREADS = DP_INTRA_OP_PARALLELISM_THREADS = --threads and
@@ -12,16 +13,20 @@ DP_INTER_OP_PARALLELISM_THREADS = 1:
 1. WORKDIR/input.json: the examples/water/se_e2_a input with data_0..2 for training, data_3 for
    validation, numb_steps N and the learning-rate schedule compressed to N steps
    (decay_steps = max(1, round(N * 5000 / 1e6))).
-2. `dp --pt train` under /usr/bin/time -v. Measured: process wall time (s), peak RSS (kB),
-   start-up (s from process start to dp's "Start to train" line and to the first "Batch 1" line)
+2. `dp --pt train` (`dp --tf train`) under /usr/bin/time -v. Measured: process wall time (s), peak RSS (kB),
+   start-up (s from process start to dp's "Start to train" / "start training" line and to the first "Batch 1" line)
    and steady training speed (steps/s between the first and the last logged batch, which
    includes dp's validation on 3 frames every disp_freq steps, as dp itself reports it).
-3. `dp --pt freeze`, then `dp --pt test` on all frames of data_3: energy RMSE/MAE per atom (eV)
-   and force RMSE/MAE (eV/A).
+3. `dp --pt freeze` (model.pth; TF: model.pb, then `dp --tf compress` to model-compressed.pb with
+   its defaults: table step 0.01, extrapolate 5), then `dp test` of the frozen model on all frames
+   of data_3: energy RMSE/MAE per atom (eV) and force RMSE/MAE (eV/A).
 4. In this process, frame 0 of data_3: DeepPot.eval (energy, forces, virial), 5 warm-up calls
    then --infer-calls timed calls (evals/s, atom-evals/s); ASE VelocityVerlet NVE with
    deepmd.calculator.DP, dt 0.5 fs, 300 K Maxwell-Boltzmann start, 5 warm-up then --md-steps
    timed steps (steps/s, atom-steps/s); peak RSS of this process (kB).
+
+   TF: step 4 runs on the frozen and on the compressed model (keys ``compressed_*``), and records
+   the compressed - frozen force difference on that frame (``compress_force_diff_*``).
 
 Everything is written to OUT.json (keys carry their unit); logs stay in WORKDIR.
 ``--mode train`` stops after step 2 (a training-speed repeat); ``--mode infer --model M`` runs
@@ -125,7 +130,6 @@ def parse_test(lines) -> dict:
 
 def bench_inference(model: Path, system: Path, n_calls: int, n_md: int) -> dict:
     import numpy as np
-    import torch
     import deepmd
     from ase import Atoms, units
     try:  # Maxwell-Boltzmann momenta; MaxwellBoltzmannDistribution is deprecated in ASE 3.29
@@ -165,8 +169,7 @@ def bench_inference(model: Path, system: Path, n_calls: int, n_md: int) -> dict:
 
     return {
         "deepmd_version": deepmd.__version__,
-        "torch_version": torch.__version__,
-        "infer_torch_threads": torch.get_num_threads(),
+        "deepmd_backend": model.suffix,
         "infer_natoms": natoms,
         "infer_model_load_s": load_s,
         "infer_calls": n_calls,
@@ -199,6 +202,7 @@ def main():
     ap.add_argument("--mode", choices=["all", "train", "infer"], default="all",
                     help="train: only step 2 (training speed); infer: only step 4 on --model")
     ap.add_argument("--model", type=Path, help="frozen model for --mode infer")
+    ap.add_argument("--backend", choices=["pt", "tf"], default="pt", help="DeePMD-kit backend (the venv must have it)")
     args = ap.parse_args()
     data, work = args.data.resolve(), args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -208,7 +212,7 @@ def main():
     threads = {"OMP_NUM_THREADS": str(args.threads),
                "DP_INTRA_OP_PARALLELISM_THREADS": str(args.threads),
                "DP_INTER_OP_PARALLELISM_THREADS": "1"}
-    os.environ.update(threads)  # also for the in-process inference (set before importing torch)
+    os.environ.update(threads)  # also for the in-process inference (set before importing torch/TF)
     env = dict(os.environ)
 
     if args.mode == "infer":  # a repeat of step 4 only, for interleaved timing rounds
@@ -220,16 +224,16 @@ def main():
     cfg = make_input(json.loads(args.example.read_text()), data, args.steps)
     (work / "input.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
-    res = {"threads": args.threads, "loadavg_1min_before": os.getloadavg()[0],
+    res = {"threads": args.threads, "backend": args.backend, "loadavg_1min_before": os.getloadavg()[0],
            "train_steps": args.steps,
            "train_decay_steps": cfg["learning_rate"]["decay_steps"],
            "train_disp_freq": cfg["training"]["disp_freq"]}
-
-    train = run_logged([DP, "--pt", "train", "input.json"], work, "train", env)
+    flag = f"--{args.backend}"
+    train = run_logged([DP, flag, "train", "input.json"], work, "train", env)
     lines = train["lines"]
     res.update(train_wall_s=train["wall_s"], train_peak_rss_kb=train["peak_rss_kb"],
                train_cpu_percent=train["cpu_percent"],
-               train_startup_s=first_time(lines, r"Start to train"),
+               train_startup_s=first_time(lines, r"Start to train|start training at lr"),
                train_to_first_batch_s=first_time(lines, r"Batch\s+1: total wall time"),
                train_neighbor_stat_done_s=first_time(lines, r"Neighbor statistics: training"))
     res.update(train_speed(lines))
@@ -237,20 +241,46 @@ def main():
         write_result(args.out, res)
         return
 
-    freeze = run_logged([DP, "--pt", "freeze", "-o", "model.pth"], work, "freeze", env)
+    model = work / ("model.pth" if args.backend == "pt" else "model.pb")
+    freeze = run_logged([DP, flag, "freeze", "-o", model.name], work, "freeze", env)
     res["freeze_wall_s"] = freeze["wall_s"]
-
-    test = run_logged([DP, "--pt", "test", "-m", "model.pth", "-s", str(data / "data_3"),
-                       "-n", "100000"], work, "test", env)
-    res.update(test_wall_s=test["wall_s"], test_peak_rss_kb=test["peak_rss_kb"])
-    res.update(parse_test(test["lines"]))
-
+    res.update(test_model(model, data, work, flag, env, ""))
     print("+ in-process DeepPot.eval and ASE MD timing", flush=True)
-    res.update(bench_inference(work / "model.pth", data / "data_3",
-                               args.infer_calls, args.md_steps))
+    res.update(bench_inference(model, data / "data_3", args.infer_calls, args.md_steps))
+    if args.backend == "tf":
+        compressed = work / "model-compressed.pb"
+        comp = run_logged([DP, flag, "compress", "-i", model.name, "-o", compressed.name], work, "compress", env)
+        res["compress_wall_s"] = comp["wall_s"]  # its accuracy is the frozen model's (compression_error)
+        res.update(compression_error(model, compressed, data / "data_3"))
+        print("+ in-process DeepPot.eval and ASE MD timing, compressed", flush=True)
+        inf = bench_inference(compressed, data / "data_3", args.infer_calls, args.md_steps)
+        res.update({f"compressed_{k}": v for k, v in inf.items()})
 
     res["loadavg_1min_after"] = os.getloadavg()[0]  # > threads means other jobs competed
     write_result(args.out, res)
+
+
+def test_model(model: Path, data: Path, work: Path, flag: str, env: dict, prefix: str) -> dict:
+    """`dp test` of MODEL on every frame of data_3: the parse_test keys, prefixed."""
+    test = run_logged([DP, flag, "test", "-m", model.name, "-s", str(data / "data_3"),
+                       "-n", "100000"], work, f"{prefix}test", env)
+    out = {"test_wall_s": test["wall_s"], "test_peak_rss_kb": test["peak_rss_kb"], **parse_test(test["lines"])}
+    return {prefix + k: v for k, v in out.items()}
+
+
+def compression_error(frozen: Path, compressed: Path, system: Path) -> dict:
+    """Compressed - frozen energy and forces on the first 10 frames of SYSTEM (eV, eV/A)."""
+    import numpy as np
+    from deepmd.infer import DeepPot
+
+    coord = np.load(system / "set.000" / "coord.npy")[:10]
+    box = np.load(system / "set.000" / "box.npy")[:10]
+    atype = np.loadtxt(system / "type.raw", dtype=int)
+    (e0, f0, _), (e1, f1, _) = (DeepPot(str(m)).eval(coord, box, atype)[:3] for m in (frozen, compressed))
+    df = (np.asarray(f1) - np.asarray(f0)).ravel()
+    return {"compress_energy_diff_max_eV": float(np.abs(np.asarray(e1) - np.asarray(e0)).max()),
+            "compress_force_diff_rmse_eV_per_A": float(np.sqrt(np.mean(df ** 2))),
+            "compress_force_diff_max_eV_per_A": float(np.abs(df).max())}
 
 
 def write_result(out: Path, res: dict) -> None:

@@ -2,7 +2,7 @@
 model) against a CP2K MD of the same box, the held-out errors, and the wall time by step.
 
 usage: python bench/studies/water_cp2k_rdf.py RUN_DIR [--cp2k-steps 200] [--dp-steps 4000]
-           [--out docs/water_cp2k_rdf.png] [--json bench/results/water_cp2k.json]
+           [--out docs/water_cp2k_rdf.png] [--json bench/studies/results/water_cp2k.json]
 
 RUN_DIR is a (finished, or else the latest trained iteration is used) `snakemake --configfile config/examples/water-cp2k.yaml` directory. The
 CP2K MD uses the run's own oracle settings through dpelt's labeling code (each step a cached
@@ -131,7 +131,7 @@ def main() -> None:
     p.add_argument("--cp2k-steps", type=int, default=200)
     p.add_argument("--dp-steps", type=int, default=4000)
     p.add_argument("--out", type=Path, default=ROOT / "docs/water_cp2k_rdf.png")
-    p.add_argument("--json", type=Path, default=ROOT / "bench/results/water_cp2k.json")
+    p.add_argument("--json", type=Path, default=ROOT / "bench/studies/results/water_cp2k.json")
     args = p.parse_args()
     run = args.run.resolve()
     summary_path = run / "reports/summary.json"

@@ -8,7 +8,7 @@ from typing import Any
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from ..model.serialize import load_model
-    from .deepmd_format import export_deepmd
+    from .deepmd_export import export_deepmd
 
     model = load_model(args.model)
     out = export_deepmd(model, args.output)
@@ -22,7 +22,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_import(args: argparse.Namespace) -> None:
     from ..errors import ModelFileError
     from ..model.serialize import save_model
-    from .deepmd_format import import_deepmd
+    from .deepmd_import import import_deepmd
 
     if not str(args.output).endswith(".pt"):
         raise ModelFileError("a dpelt model file is written with the suffix .pt", path=args.output)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
@@ -24,23 +23,25 @@ def _oracle_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
-TIMEOUT_HELP = "wall-clock limit of one calculation: a longer one is stopped and recorded as failed (default: $DPELT_LABEL_TIMEOUT, else none)"
+TIMEOUT_HELP = "wall-clock limit of one calculation in seconds, or 'none' (the default): a longer one is stopped and recorded as failed"
 
 
-def label_timeout(given: float | None) -> float | None:
-    """--timeout, else $DPELT_LABEL_TIMEOUT (set by the workflow from label.timeout), else no limit."""
-    if given is not None:
-        return given
-    text = os.environ.get("DPELT_LABEL_TIMEOUT", "").strip()
-    if not text:
+def seconds_or_none(text: str) -> float | None:
+    """``--timeout`` values: a positive number of seconds, or ``none`` (no limit); the workflow
+    passes label.timeout this way."""
+    if text.strip().lower() in ("none", "null", ""):
         return None
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise ConfigError(f"must be a number of seconds, got {text!r}", path="$DPELT_LABEL_TIMEOUT", key="label.timeout") from None
+        raise argparse.ArgumentTypeError(f"expected seconds or 'none', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text!r}")
+    return value
 
 
 def _cmd_label(args: argparse.Namespace) -> None:
+    from ..runconfig import schema_default
     from .run import label
 
     spec = {"name": args.oracle, "kwargs": _oracle_kwargs(args.oracle_kwargs)}
@@ -49,12 +50,12 @@ def _cmd_label(args: argparse.Namespace) -> None:
         args.candidates,
         spec,
         args.output,
-        max_failed_ratio=args.max_failed_ratio,
+        max_failed_ratio=schema_default("label.max_failed_ratio") if args.max_failed_ratio is None else args.max_failed_ratio,
         known=args.known or (),
-        max_force=args.max_force,
+        max_force=schema_default("label.max_force") if args.max_force is None else args.max_force,
         retry_failed=args.retry_failed,
         log=log,
-        timeout=label_timeout(args.timeout),
+        timeout=args.timeout,
     )
     print(
         f"{s['oracle']}: {s['total']} candidates, {s['labelled']} labelled ({s['computed']} computed, {s['cached']} from earlier tasks), "
@@ -69,11 +70,11 @@ def add_label_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="step directory: frames.nc, failures.json, summary.json, tasks/")
     p.add_argument("--oracle", default="emt", help="emt | xtb | pyscf | cp2k | dotted path of an ASE calculator class (default: emt)")
     p.add_argument("--oracle-kwargs", help='calculator arguments as a JSON object, e.g. \'{"basis": "def2-svp", "xc": "pbe"}\'')
-    p.add_argument("--max-failed-ratio", type=float, default=0.1, help="fail the step when more than this fraction of labels fails (default 0.1)")
+    p.add_argument("--max-failed-ratio", type=float, help="fail the step when more than this fraction of labels fails (default: label.max_failed_ratio of the run config schema)")
     p.add_argument("--known", nargs="+", action="extend", metavar="FILE", help="already labelled frames files: their labels are reused, never recomputed")
-    p.add_argument("--max-force", type=float, default=50.0, help="labels with any |F| at or above this are refused, eV/Å (default 50)")
+    p.add_argument("--max-force", type=float, help="labels with any |F| at or above this are refused, eV/Å (default: label.max_force of the run config schema)")
     p.add_argument("--retry-failed", action="store_true", help="rerun tasks whose earlier result is a failure")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
+    p.add_argument("--timeout", type=seconds_or_none, default=None, metavar="SECONDS", help=TIMEOUT_HELP)
     p.add_argument("-v", "--verbose", action="store_true", help="one progress line per frame on stderr")
     p.set_defaults(func=_cmd_label)
     return p

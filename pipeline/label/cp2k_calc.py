@@ -1,6 +1,6 @@
 """The ``cp2k`` oracle: periodic Kohn-Sham DFT (Quickstep, GPW) through ASE's CP2K calculator.
 
-Settings and their defaults are the schema's ``label.$defs.cp2k`` (config/schema.yaml), read
+Settings and their defaults are the schema's ``label.$defs.cp2k`` (pipeline/schema.yaml), read
 from there by :func:`cp2k_defaults`: PBE, DZVP-MOLOPT-SR-GTH in BASIS_MOLOPT, GTH-PBE
 pseudopotentials in POTENTIAL, a 400 Ry density cutoff with REL_CUTOFF 50 Ry, MAX_SCF 50,
 EPS_SCF 1e-6, the analytical stress tensor when the cell is periodic, and the command
@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import ase
-import yaml
 from ase.units import Rydberg
 
 from ..errors import ConfigError
@@ -52,10 +51,9 @@ SHELL_EXIT_S = 10.0  # grace for a cp2k_shell asked to EXIT before it is killed
 @functools.lru_cache(maxsize=1)
 def cp2k_defaults() -> dict[str, Any]:
     """The cp2k oracle's keyword arguments and defaults (schema ``label.$defs.cp2k``)."""
-    from ..runconfig import SCHEMA
+    from ..runconfig import schema
 
-    schema = yaml.safe_load(Path(SCHEMA).read_text())
-    props = schema["properties"]["label"]["$defs"]["cp2k"]["properties"]
+    props = schema()["properties"]["label"]["$defs"]["cp2k"]["properties"]
     return {k: v.get("default") for k, v in props.items()}
 
 

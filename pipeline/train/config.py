@@ -3,7 +3,8 @@ training), read from dpelt YAML or from a DeePMD-kit JSON file as is.
 
 dpelt additions (optional): ``training.threads`` (torch intra-op threads; fixed so results
 are bit-identical), ``training.validation_data.frames`` (how many fixed frames to validate on)
-and ``loss.normalize_prefactors`` (default true; false trains with DeePMD-kit's loss scale, see
+and ``loss.normalize_prefactors`` (default false: DeePMD-kit's loss scale, so a DeePMD-kit input
+trains with DeePMD-kit's semantics; true opts in to the normalised loss, see
 :mod:`pipeline.train.loss`).
 """
 
@@ -60,7 +61,7 @@ class LossConfig:
     relative_f: Optional[float] = unsupported(None)
     enable_atom_ener_coeff: bool = unsupported(False)
     use_l1_all: bool = unsupported(False)
-    normalize_prefactors: bool = True
+    normalize_prefactors: bool = False
 
     def check(self, key: str, source: str | None) -> None:
         if self.type != "ener":
@@ -125,7 +126,7 @@ class TrainingSection:
     profiling: bool = unsupported(False)
     tensorboard: bool = unsupported(False)
     mixed_precision: Optional[dict] = unsupported(None)
-    change_bias_after_training: bool = unsupported(False)
+    change_bias_after_training: bool = False
 
     def check(self, key: str, source: str | None) -> None:
         if self.numb_steps < 0:

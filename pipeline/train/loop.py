@@ -105,6 +105,33 @@ def compute_statistics(model: DeepPot, cfg: ModelConfig, systems: Sequence[Train
         model.fitting.bias_atom_e.copy_(torch.as_tensor(bias, dtype=dtype))
 
 
+def energy_residuals(model: DeepPot, systems: Sequence[TrainSystem], chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(element counts [nframes, ntypes], label − model energy [nframes] eV) over every training frame."""
+    from ..evaluate import frozen_weights
+
+    counts, res = [], []
+    with frozen_weights(model):
+        for s in systems:
+            for start in range(0, s.nframes, chunk):
+                b = s.batch(np.arange(start, min(start + chunk, s.nframes)))
+                pred = model.forward_rij(b.rij, b.nlist, b.atype, False, False, False, b.partner)["energy"]  # [nf] eV
+                res.append((b.energy - pred).numpy())
+            counts.append(np.tile(np.bincount(s.atype.numpy(), minlength=model.ntypes), (s.nframes, 1)))
+    return np.concatenate(counts), np.concatenate(res)
+
+
+def refit_energy_bias(model: DeepPot, systems: Sequence[TrainSystem], rcond: float | None = None) -> np.ndarray:
+    """Add to the per-element energy bias the least-squares shift (eV) that best explains the
+    model's energy residuals on the training frames, and return it. Forces do not change: a
+    per-element constant in the atomic energy has no gradient. This is DeePMD-kit's
+    ``change_bias_after_training`` / ``dp change-bias`` (change-by-statistic)."""
+    counts, res = energy_residuals(model, systems)
+    shift = fit_energy_bias(counts, res, rcond)
+    with torch.no_grad():
+        model.fitting.bias_atom_e.add_(torch.as_tensor(shift, dtype=model.fitting.bias_atom_e.dtype))
+    return shift
+
+
 def _lcurve_columns(has_valid: bool, has_virial: bool) -> list[str]:
     cols = ["step"]
     parts = ["rmse", "rmse_e", "rmse_f"] + (["rmse_v"] if has_virial else [])
@@ -203,8 +230,15 @@ def train(
     log: Callable[[str], None] = print,
     timing: str | os.PathLike | None = None,
     resume: bool = False,
+    refit_bias: bool = False,
 ) -> Path:
     """Train a model as configured; returns the path of ``model.pt``.
+
+    ``refit_bias`` (with ``init_model``): before the first step, shift the warm-start model's
+    energy bias to the least-squares fit of its energy residuals on this training data
+    (:func:`refit_energy_bias`) — new data or compositions then start from the right energy
+    zero instead of the one fitted to the data of the model's first training. DeePMD-kit's
+    ``--init-model`` keeps the bias (the default here too).
 
     ``timing``: write wall-clock figures (start-up, steps/s between displays) as JSON there
     (kept out of ``out_dir``'s reproducible files).
@@ -221,7 +255,7 @@ def train(
         if data is not None and isinstance(data.batch_size, tuple) and len(data.batch_size) != len(loaded):
             raise ConfigError(f"batch_size lists {len(data.batch_size)} values for {len(loaded)} systems (one per system, in order)", key=f"training.{key}.batch_size")
 
-    fingerprint = _fingerprint(cfg, train_raw, init_model, threads)
+    fingerprint = _fingerprint(cfg, train_raw, init_model, threads) + ("+refit" if refit_bias and init_model is not None else "")
     if resume and restart is None and (out_dir / "checkpoint.pt").exists():
         try:
             found = read_model_file(out_dir / "checkpoint.pt", kind=CHECKPOINT_KIND)
@@ -252,6 +286,9 @@ def train(
     log(f"data: {len(systems)} training systems ({sum(s.nframes for s in systems)} frames), {len(valid)} validation systems; sel {sel}; neighbour lists in {time.perf_counter() - t0:.1f} s")
     if restart is None and init_model is None:
         compute_statistics(model, cfg.model, systems, seed)
+    elif restart is None and refit_bias:
+        shift = refit_energy_bias(model, systems, cfg.model.fitting_net.rcond)
+        log(f"warm start: energy bias shifted by {np.array2string(shift * 1e3, precision=3)} meV per atom of {type_map} (least squares on the training frames)")
     model.train()
 
     numb_steps = cfg.training.numb_steps
@@ -339,6 +376,13 @@ def train(
         progress.close()
     model.eval()
     _checkpoint(out_dir / "checkpoint.pt", model, cfg, opt, numb_steps, sampler, rows, meta, fingerprint)
+    if cfg.training.change_bias_after_training:  # after the checkpoint: resuming from it refits once, as here
+        # on the model as saved, freshly built: the trained module gave wrong energies here
+        # (2-element default model; a stale inference state, not yet isolated — see docs/science.md)
+        model, _ = model_from_dict(model_to_dict(model, cfg.model, meta), str(out_dir / "checkpoint.pt"))
+        model.eval()
+        shift = refit_energy_bias(model, systems, cfg.model.fitting_net.rcond)
+        log(f"change_bias_after_training: energy bias shifted by {np.array2string(shift * 1e3, precision=3)} meV per atom of {type_map}")
     path = save_model(model, cfg.model, out_dir / "model.pt", meta)
     _write_lcurve(out_dir, cfg, rows, columns)  # always: a resumed run that takes no step still has its lcurve (Snakemake deleted it)
     t_end = time.perf_counter()

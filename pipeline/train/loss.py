@@ -8,18 +8,20 @@ with ΔE in eV, ΔF in eV/Å (all 3N components), ΔΞ in eV (9 components), and
 p(t) = p_limit + (p_start − p_limit) · lr(t)/start_lr. Reported RMSEs: energy and virial
 per atom (eV/atom), force per component (eV/Å).
 
-Loss scale (``loss.normalize_prefactors``, default true). The prefactors shrink the loss by up
+Loss scale (``loss.normalize_prefactors``, default false = DeePMD-kit's; opt in with true). The prefactors shrink the loss by up
 to ~500× over a run (p_f 1000 → 1). Adam divides each step by the root of a running mean of
 squared gradients over ~1/(1-β₂) = 1000 steps, so it is blind to the loss scale only while the
 scale changes slowly on that window — true of DeePMD-kit's long schedules (10⁶ steps), false of
 short ones (a few thousand steps: DP-GEN's retraining, this project's loop, a benchmark), where
 the stale, larger squared gradients make Adam's steps shrink much faster than lr (in the water
 benchmark's 1500-step schedule, 5× smaller than with the constant scale by step 400, 8–50×
-after step 700: bench/adam_lag.py). dpelt therefore minimises L / (p_e + p_f + p_v): the same
+after step 700: bench/adam_lag.py). With ``true`` dpelt minimises L / (p_e + p_f + p_v): the same
 relative weights at every step, a scale that stays constant, so Adam's steps follow the
 learning rate as configured. Where the
 scale changes slowly (long schedules) this changes only how much Adam's ε (10⁻⁸) weighs against
-the gradients; ``false`` gives DeePMD-kit's loss exactly.
+the gradients; ``false`` (the default) gives DeePMD-kit's loss exactly. The opt-in has a cost
+in warm starts: with full-size steps in the force-dominated phase the network's mean atomic
+energy wanders further (bench/science/energy_warmstart.py; docs/science.md).
 The reported ``rmse`` (√L) is DeePMD-kit's, not normalised.
 """
 

@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+HERE = Path(__file__).resolve().parent  # bench/studies
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # bench/ for water_seeds
 
 from pipeline.fileio import write_text_atomic  # noqa: E402
 

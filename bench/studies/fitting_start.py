@@ -47,8 +47,8 @@ from pathlib import Path
 
 from pipeline.fileio import write_text_atomic
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+HERE = Path(__file__).resolve().parent  # bench/studies
+ROOT = HERE.parents[1]
 STARTS = ("deepmd", "silent_output", "standardised", "unit_rms", "standardised_only", "unit_rms_only", "centred", "residual_bias", "random_output_bias")
 
 
@@ -68,7 +68,7 @@ def case_config(case: str, seed: int, steps: int, data: Path):
     from pipeline.train.config import parse_train_config
 
     if case == "water":
-        sys.path.insert(0, str(HERE))
+        sys.path[:0] = [str(HERE), str(HERE.parent)]  # bench/ for water_seeds
         from water_seeds import seeded_input
 
         cfg = seeded_input(data, steps, seed)

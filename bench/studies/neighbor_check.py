@@ -20,13 +20,13 @@ import pipeline.model.neighbor as nb
 from pipeline.data.io import read_systems
 from pipeline.fileio import write_text_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "water")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "neighbor_check.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "studies" / "results" / "neighbor_check.json")
     args = ap.parse_args()
     if not (args.data / "data_3" / "type.raw").exists():
         sys.exit(f"water data not found at {args.data}")
