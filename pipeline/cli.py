@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
 
@@ -254,6 +255,8 @@ def _cmd_init(args: argparse.Namespace) -> None:
     from .runtime import configure_torch
 
     configure_torch(args.threads)
+    if args.threads:  # the oracle's threads too (cp2k's default command), as the label rule sets them
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     spec = _spec(args.spec, "init")
     init = parse_init_spec(spec.get("init", {}), source="--spec")
     label = resolved_section("label", spec.get("label"), "--spec")
@@ -267,6 +270,8 @@ def _cmd_holdout(args: argparse.Namespace) -> None:
     from .runtime import configure_torch
 
     configure_torch(args.threads)
+    if args.threads:  # the oracle's threads too (cp2k's default command), as the label rule sets them
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     spec = _spec(args.spec, "holdout")
     init = parse_init_spec(spec.get("init", {}), source="--spec")
     h = resolved_section("holdout", spec.get("holdout"), "--spec")
@@ -275,7 +280,7 @@ def _cmd_holdout(args: argparse.Namespace) -> None:
     s = make_holdout(init, spec["systems"], spec["temperatures_K"], h["frames"], md, label["oracle"], spec["type_map"], args.output, args.seed, args.workdir, label["max_force"], timeout=args.timeout)
     print("; ".join(f"{x['system']}: {x['frames']} frames" for x in s["systems"]) + (f"; {len(s['failures'])} failed labels" if s["failures"] else ""))
     for failure in s["failures"]:
-        print(f"  {failure}")
+        print(f"  {failure['source_task']} step {failure['md_step']}: {failure['reason']}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ the name exploration stages refer to.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ import ase.io
 import numpy as np
 import xarray as xr
 from ase.build import bulk
+from ase.calculators.calculator import Calculator, all_changes
 from ase.md.langevin import Langevin
 from ase.neighborlist import neighbor_list
 from ase.md.velocitydistribution import Stationary, thermalize_momenta
@@ -33,14 +35,13 @@ from .data.io import read_systems
 from .data.netcdf import write_frames
 from .errors import ConfigError, DataError, DpeltError
 from .fileio import write_json_atomic
-from .label.oracles import Oracle, label_results, make_oracle
-from .label.timeout import LabelTimeout, checked_seconds, running_children, time_limit
-from .label.validate import check_label, scf_converged
+from .label.oracles import OracleSession, make_oracle
+from .label.run import failure_entry, run_task
+from .label.timeout import checked_seconds
 from .seeds import derive_seed
 from .units import fs_to_ase_time
 
 LATTICES = ("fcc", "bcc", "hcp", "diamond", "sc")
-_END = object()  # end of an MD generator
 MIN_DISTANCE = 0.5  # Å: closer atoms in a (scaled) init structure are refused, as explore.guards.min_distance does in MD
 
 
@@ -156,98 +157,115 @@ def perturbed(atoms: ase.Atoms, spec: PerturbSpec, rng: np.random.Generator) -> 
     return out
 
 
-def _labelled(atoms: ase.Atoms, result: dict, max_force: float) -> tuple[ase.Atoms | None, str]:
+class LabelFailed(Exception):
+    """An oracle MD step whose label failed (its reason is the message)."""
+
+
+def atoms_id(atoms: ase.Atoms) -> str:
+    """A content id of a structure (numbers, positions, cell, pbc): a finished task result is
+    reused only for the very structure it was computed for."""
+    h = hashlib.sha256()
+    for part in (atoms.numbers.astype(np.int64), atoms.positions.astype(np.float64), atoms.cell.array.astype(np.float64), atoms.pbc.astype(np.int8)):
+        h.update(np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _snapshot(atoms: ase.Atoms, record: dict) -> ase.Atoms:
+    """A copy of ``atoms`` carrying the label of an ``ok`` task record."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
-    reason = check_label(result, len(atoms), bool(atoms.pbc.all()), max_force)
-    if reason:
-        return None, reason
     snap = atoms.copy()
-    kw = {"energy": result["energy"], "free_energy": result["energy"], "forces": np.asarray(result["forces"])}
-    if result.get("stress") is not None:
-        kw["stress"] = np.asarray(result["stress"])
+    kw = {"energy": record["energy"], "free_energy": record["energy"], "forces": np.asarray(record["forces"], dtype=np.float64)}
+    if record.get("stress") is not None:
+        kw["stress"] = np.asarray(record["stress"], dtype=np.float64)
     snap.calc = SinglePointCalculator(snap, **kw)
-    return snap, ""
+    return snap
 
 
-def single_points(images: Sequence[ase.Atoms], oracle: Oracle, workdir: Path, max_force: float, timeout: float | None = None) -> tuple[list[ase.Atoms], list[str]]:
-    """Label each image; failed labels are skipped and their reasons returned. A calculation
-    running longer than ``timeout`` s (``label.timeout``) is stopped and fails."""
+def _failure(record: dict, source_task: str, md_step: int, task_dir: Path) -> dict:
+    return failure_entry(record, record.get("frame_id", ""), source_task, md_step, str(task_dir))
+
+
+def single_points(images: Sequence[ase.Atoms], session: OracleSession, workdir: Path, max_force: float, timeout: float | None = None) -> tuple[list[ase.Atoms], list[dict]]:
+    """Label each image through :func:`~pipeline.label.run.run_task` in ``workdir/sp.NNNNN``
+    (finished results are reused on a rerun); returns the labelled images and the failure
+    records of the others (a calculation longer than ``timeout`` s fails)."""
     out, failures = [], []
     for k, atoms in enumerate(images):
         d = workdir / f"sp.{k:05d}"
-        d.mkdir(parents=True, exist_ok=True)
-        result = None
-        try:
-            with time_limit(timeout):
-                result = oracle.compute(atoms, d)
-            lab, reason = _labelled(atoms, result, max_force)
-        except DpeltError:
-            raise
-        except LabelTimeout as exc:  # (the alarm may ring just after the result came: keep it)
-            lab, reason = _labelled(atoms, result, max_force) if result is not None else (None, f"timed out: {exc}")
-        except Exception as exc:  # a crashed calculation is a failed label, not a failed step
-            lab, reason = None, f"{type(exc).__name__}: {exc}"
-        if lab is None:
-            failures.append(f"{atoms.info.get('source_task', '')} #{k}: {reason}")
+        record, _ = run_task(session, atoms, d, atoms_id(atoms), max_force, timeout=timeout)
+        if record["status"] == "ok":
+            out.append(_snapshot(atoms, record))
         else:
-            out.append(lab)
+            failures.append(_failure(record, f"{atoms.info.get('source_task', '')} #{k}", -1, d))
     return out, failures
+
+
+class SessionCalculator(Calculator):
+    """An ASE calculator for oracle MD: every calculation is one labeling task
+    (:func:`~pipeline.label.run.run_task`, in ``workdir/step.NNNNNN``) of the job's session, so
+    MD steps are cached, checked, time-limited and recorded like any label. A failed label
+    raises :class:`LabelFailed`. ``record``: the last task record."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, session: OracleSession, workdir: Path, max_force: float, timeout: float | None):
+        super().__init__()
+        self.session, self.workdir, self.max_force, self.timeout = session, Path(workdir), max_force, timeout
+        self.calls = 0
+        self.record: dict | None = None
+        self.task_dir: Path | None = None
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        self.calls += 1
+        self.task_dir = self.workdir / f"step.{self.calls:06d}"
+        self.record, _ = run_task(self.session, self.atoms, self.task_dir, atoms_id(self.atoms), self.max_force, timeout=self.timeout)
+        if self.record["status"] != "ok":
+            raise LabelFailed(self.record["reason"])
+        r = self.record
+        self.results = {"energy": r["energy"], "free_energy": r["energy"], "forces": np.asarray(r["forces"], dtype=np.float64)}
+        if r.get("stress") is not None:
+            self.results["stress"] = np.asarray(r["stress"], dtype=np.float64)
 
 
 def oracle_md(
     atoms: ase.Atoms,
-    oracle: Oracle,
+    session: OracleSession,
     md: OracleMDSpec,
     rng: np.random.Generator,
     workdir: Path,
     max_force: float,
     tag: str,
-    failures: list[str] | None = None,
+    failures: list[dict] | None = None,
     timeout: float | None = None,
 ) -> list[ase.Atoms]:
     """Langevin MD driven by the oracle (ab initio MD); every ``trj_freq`` steps after
-    ``equilibration`` a labelled snapshot is kept. A failed label (crash, SCF not converged,
-    non-finite or excessive forces, a step longer than ``timeout`` s) stops the run; its reason
-    is appended to ``failures``."""
+    ``equilibration`` a labelled snapshot is kept. Each step is a labeling task of ``session``
+    (:class:`SessionCalculator`: a rerun replays finished steps from their results). A failed
+    label (crash, SCF not converged, non-finite or excessive forces, a step longer than
+    ``timeout`` s) stops the run; its failure record is appended to ``failures``."""
     if md.nsteps <= 0:
         return []
     workdir.mkdir(parents=True, exist_ok=True)
-    spare = running_children() if timeout else None  # a hung step also kills what earlier steps started
     a = atoms.copy()
-    a.calc = oracle.calculator(workdir)
+    calc = a.calc = SessionCalculator(session, workdir, max_force, timeout)
     thermalize_momenta(a, temperature_K=md.temperature_K, rng=rng)
     Stationary(a)
     dyn = Langevin(a, timestep=fs_to_ase_time(md.dt_fs), temperature_K=md.temperature_K, friction=0.01, fixcm=False, rng=rng)
     kept: list[ase.Atoms] = []
-    step, reason = 0, ""
-    steps = dyn.irun(steps=md.equilibration + md.nsteps)  # each next(): one oracle calculation
     try:
-        while True:
-            with time_limit(timeout, spare):
-                done = next(steps, _END) is _END
-            if done:
-                break
+        for _ in dyn.irun(steps=md.equilibration + md.nsteps):  # each step: one oracle label
             step = dyn.nsteps
-            converged = scf_converged(a.calc)
-            if converged is False:  # an unconverged SCF drives no further step, kept or not
-                reason = "SCF not converged"
-                break
             if step <= md.equilibration or (step - md.equilibration) % md.trj_freq:
                 continue
-            lab, reason = _labelled(a, label_results(a.calc, a), max_force)  # what single points record, the same way
-            if lab is None:
-                break
+            lab = _snapshot(a, calc.record)
             lab.info.update({"md_step": step, "temperature_K": float(md.temperature_K), "source_task": tag})
             kept.append(lab)
-    except DpeltError:
-        raise
-    except LabelTimeout as exc:  # what it labelled before is kept
-        reason = f"timed out: {exc}"
-    except Exception as exc:  # a crashed calculation ends this MD run; what it labelled is kept
-        reason = f"{type(exc).__name__}: {exc}"
-    if reason and failures is not None:
-        failures.append(f"{tag} step {step}: {reason}; the oracle MD stopped there ({len(kept)} frames kept)")
+    except LabelFailed:  # what it labelled before is kept
+        if failures is not None:
+            record = dict(calc.record, reason=f"{calc.record['reason']}; the oracle MD stopped there ({len(kept)} frames kept)")
+            failures.append(_failure(record, tag, calc.calls - 1, calc.task_dir))  # calculation n is MD step n - 1
     return kept
 
 
@@ -262,23 +280,27 @@ def _to_systems(images_by_name: dict[str, list[ase.Atoms]], type_map: Sequence[s
     return systems
 
 
-def make_init(spec: InitSpec, oracle_spec: dict, type_map: Sequence[str], out: str | os.PathLike, seed: int, workdir: str | os.PathLike, max_force: float = 50.0, base: Path = Path("."), timeout: float | None = None) -> dict:
-    """Build the labelled initial data set into ``out`` (one group per system). ``timeout``:
-    wall-clock seconds one oracle calculation may take (``label.timeout``; None: no limit)."""
-    out, workdir = Path(out), Path(workdir)
-    oracle = make_oracle(oracle_spec)
-    timeout = checked_seconds(timeout)  # refused before any oracle work
-    images_by_name: dict[str, list[ase.Atoms]] = {}
-    failures: list[str] = []
-    imported = []  # read first: a bad file is found before any oracle work
+def _imported(spec: InitSpec, type_map: Sequence[str], base: Path) -> list[xr.Dataset]:
+    """The labelled data files of ``init.data``, read before any oracle work (a bad file is found first)."""
+    imported = []
     for k, path in enumerate(spec.data):
         p = Path(path) if os.path.isabs(path) else base / path
         if not p.exists():
             raise ConfigError("no such file or directory", path=p, key=f"init.data[{k}]")
         for ds in read_systems(p, type_map=type_map, require_labels=True):
             imported.append(remap_types(ds, type_map).assign_attrs(system=f"{Path(path).name}:{formula(ds)}"))
-    for s in spec.structures:  # squeezed structures are refused before any oracle work (own generator: the labelled stream is unchanged)
+    return imported
+
+
+def _check_structures(spec: InitSpec, oracle, type_map: Sequence[str], seed: int, base: Path) -> None:
+    """Refuse, before any oracle work, squeezed scaled structures and elements the oracle or the
+    type map does not know (own generators: the labelled stream is unchanged)."""
+    for s in spec.structures:
         probe = build_structure(s, np.random.default_rng(derive_seed(seed, "init", s.name)), base)
+        oracle.check_system(probe.get_chemical_symbols(), probe.pbc, where=f"init.structures[{s.name}]")
+        missing = sorted(set(probe.get_chemical_symbols()) - set(type_map))
+        if missing:
+            raise ConfigError(f"structure {s.name!r} has elements {missing} not in type_map {list(type_map)}", key="type_map")
         for k, f in enumerate(spec.scale):
             scaled = scaled_copy(probe, f)
             close = neighbor_list("d", scaled, MIN_DISTANCE) if len(scaled) > 1 else []
@@ -287,59 +309,76 @@ def make_init(spec: InitSpec, oracle_spec: dict, type_map: Sequence[str], out: s
                     f"scale {f:g} puts atoms of {s.name!r} {float(np.min(close)):.3f} Å apart (< {MIN_DISTANCE} Å): no oracle label of that is worth training on",
                     key=f"init.scale[{k}]",
                 )
-    for s in spec.structures:
-        rng = np.random.default_rng(derive_seed(seed, "init", s.name))
-        atoms = build_structure(s, rng, base)
-        oracle.check_system(atoms.get_chemical_symbols(), atoms.pbc, where=f"init.structures[{s.name}]")
-        missing = sorted(set(atoms.get_chemical_symbols()) - set(type_map))
-        if missing:
-            raise ConfigError(f"structure {s.name!r} has elements {missing} not in type_map {list(type_map)}", key="type_map")
-        images: list[ase.Atoms] = []
-        for k, f in enumerate(spec.scale):
-            scaled = scaled_copy(atoms, f)
-            scaled.info["source_task"] = f"init:{s.name}:scale{f:g}"
-            todo = [scaled] + perturbed(scaled, spec.perturb, rng)
-            labelled, failed = single_points(todo, oracle, workdir / s.name / f"scale{k}", max_force, timeout)
-            images += labelled
-            failures += failed
-            images += oracle_md(scaled, oracle, spec.md, rng, workdir / s.name / f"md{k}", max_force, f"init:{s.name}:md{f:g}", failures, timeout)
-        images_by_name[s.name] = images
-    systems = _to_systems(images_by_name, type_map, oracle.name, "init")
-    systems += imported
-    if not systems:
-        raise DataError("no labelled initial frame was produced", path=out)
+
+
+def _write_output(out: Path, systems: list[xr.Dataset], failures: list[dict], summary: dict) -> dict:
+    """frames file, ``failures.json`` beside it (as the label step writes), summary ``.json``."""
     write_frames(out, systems)
-    summary = {
-        "systems": [{"system": ds.attrs["system"], "frames": int(ds.sizes["frame"]), "natoms": int(ds.sizes["atom"])} for ds in systems],
-        "failures": failures,
-        "timeout_s": timeout,
-    }
+    write_json_atomic(out.with_name("failures.json"), failures)
+    summary["failures"] = failures
     write_json_atomic(out.with_suffix(".json"), summary)
     return summary
+
+
+def make_init(spec: InitSpec, oracle_spec: dict, type_map: Sequence[str], out: str | os.PathLike, seed: int, workdir: str | os.PathLike, max_force: float = 50.0, base: Path = Path("."), timeout: float | None = None) -> dict:
+    """Build the labelled initial data set into ``out`` (one group per system), failure records
+    in ``failures.json`` beside it. Every label goes through the label step's own
+    :func:`~pipeline.label.run.run_task` in one oracle session (one code server for the job;
+    finished tasks under ``workdir`` are reused by a rerun). ``timeout``: wall-clock seconds one
+    oracle calculation may take (``label.timeout``; None: no limit)."""
+    out, workdir = Path(out), Path(workdir)
+    oracle = make_oracle(oracle_spec)
+    timeout = checked_seconds(timeout)  # refused before any oracle work
+    imported = _imported(spec, type_map, base)
+    _check_structures(spec, oracle, type_map, seed, base)
+    images_by_name: dict[str, list[ase.Atoms]] = {}
+    failures: list[dict] = []
+    with oracle.session() as session:
+        for s in spec.structures:
+            rng = np.random.default_rng(derive_seed(seed, "init", s.name))
+            atoms = build_structure(s, rng, base)
+            images: list[ase.Atoms] = []
+            for k, f in enumerate(spec.scale):
+                scaled = scaled_copy(atoms, f)
+                scaled.info["source_task"] = f"init:{s.name}:scale{f:g}"
+                todo = [scaled] + perturbed(scaled, spec.perturb, rng)
+                labelled, failed = single_points(todo, session, workdir / s.name / f"scale{k}", max_force, timeout)
+                images += labelled
+                failures += failed
+                images += oracle_md(scaled, session, spec.md, rng, workdir / s.name / f"md{k}", max_force, f"init:{s.name}:md{f:g}", failures, timeout)
+            images_by_name[s.name] = images
+    systems = _to_systems(images_by_name, type_map, oracle.name, "init") + imported
+    if not systems:
+        raise DataError("no labelled initial frame was produced", path=out)
+    summary = {"systems": [{"system": ds.attrs["system"], "frames": int(ds.sizes["frame"]), "natoms": int(ds.sizes["atom"])} for ds in systems], "timeout_s": timeout}
+    return _write_output(out, systems, failures, summary)
 
 
 def make_holdout(spec: InitSpec, systems: Sequence[str], temperatures: Sequence[float], frames: int, md: OracleMDSpec, oracle_spec: dict, type_map: Sequence[str], out: str | os.PathLike, seed: int, workdir: str | os.PathLike, max_force: float = 50.0, base: Path = Path("."), timeout: float | None = None) -> dict:
     """Held-out frames: oracle MD from each named structure at each temperature, ``frames`` kept
-    each; ``timeout`` as in :func:`make_init`."""
+    each, through one oracle session; ``timeout`` and files as in :func:`make_init`."""
     out, workdir = Path(out), Path(workdir)
     oracle = make_oracle(oracle_spec)
     timeout = checked_seconds(timeout)  # refused before any oracle work
     by_name = {s.name: s for s in spec.structures}
-    images_by_name: dict[str, list[ase.Atoms]] = {}
-    failures: list[str] = []
     for name in systems:
         if name not in by_name:
             raise ConfigError(f"system {name!r} is not an init structure ({sorted(by_name)})", key="explore.stages.systems")
-        rng = np.random.default_rng(derive_seed(seed, "holdout", name))
-        atoms = build_structure(by_name[name], rng, base)
-        for T in sorted(set(float(t) for t in temperatures)):
-            run = OracleMDSpec(temperature_K=T, nsteps=frames * md.trj_freq, trj_freq=md.trj_freq, dt_fs=md.dt_fs, equilibration=md.equilibration)
-            kept = oracle_md(atoms, oracle, run, rng, workdir / name / f"T{T:g}", max_force, f"holdout:{name}:T{T:g}", failures, timeout)
-            if not kept:  # an empty held-out set would make every later evaluation meaningless
-                raise DataError(f"oracle MD for the held-out frames of {name!r} at {T:g} K kept no frame: {failures[-1] if failures else 'no frame reached'}", path=out, key="label.oracle")
-            images_by_name.setdefault(name, []).extend(kept)
+    images_by_name: dict[str, list[ase.Atoms]] = {}
+    failures: list[dict] = []
+    temps = sorted(set(float(t) for t in temperatures))
+    with oracle.session() as session:
+        for name in systems:
+            rng = np.random.default_rng(derive_seed(seed, "holdout", name))
+            atoms = build_structure(by_name[name], rng, base)
+            oracle.check_system(atoms.get_chemical_symbols(), atoms.pbc, where=f"init.structures[{name}]")
+            for T in temps:
+                run = OracleMDSpec(temperature_K=T, nsteps=frames * md.trj_freq, trj_freq=md.trj_freq, dt_fs=md.dt_fs, equilibration=md.equilibration)
+                kept = oracle_md(atoms, session, run, rng, workdir / name / f"T{T:g}", max_force, f"holdout:{name}:T{T:g}", failures, timeout)
+                if not kept:  # an empty held-out set would make every later evaluation meaningless
+                    why = f"{failures[-1]['source_task']} step {failures[-1]['md_step']}: {failures[-1]['reason']}" if failures else "no frame reached"
+                    raise DataError(f"oracle MD for the held-out frames of {name!r} at {T:g} K kept no frame: {why}", path=out, key="label.oracle")
+                images_by_name.setdefault(name, []).extend(kept)
     systems_out = _to_systems(images_by_name, type_map, oracle.name, "holdout")
-    write_frames(out, systems_out)
-    summary = {"systems": [{"system": ds.attrs["system"], "frames": int(ds.sizes["frame"])} for ds in systems_out], "temperatures_K": sorted(set(float(t) for t in temperatures)), "failures": failures, "timeout_s": timeout}
-    write_json_atomic(out.with_suffix(".json"), summary)
-    return summary
+    summary = {"systems": [{"system": ds.attrs["system"], "frames": int(ds.sizes["frame"])} for ds in systems_out], "temperatures_K": temps, "timeout_s": timeout}
+    return _write_output(out, systems_out, failures, summary)

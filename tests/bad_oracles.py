@@ -1,7 +1,11 @@
 """Oracles that fail in the ways a real labeler does, for the init/holdout oracle-MD tests.
 
 Each is EMT until its ``fail_after``-th calculation, then: reports an unconverged SCF
-(``UnconvergedEMT``) or raises (``CrashingEMT``)."""
+(``UnconvergedEMT``) or raises (``CrashingEMT``). Every labeling task builds a fresh calculator,
+so the calculation is counted from the task directory: oracle MD step n runs in
+``step.<n>`` (any other directory counts as the first calculation)."""
+
+from pathlib import Path
 
 from ase.calculators.emt import EMT
 
@@ -12,8 +16,13 @@ class _CountingEMT(EMT):
         self.fail_after = fail_after
         self.calls = 0
 
+    def count(self) -> int:
+        name = Path(self.directory).name
+        self.calls = int(name.split(".")[1]) if name.startswith("step.") else 1
+        return self.calls
+
     def calculate(self, *args, **kwargs):
-        self.calls += 1
+        self.count()
         super().calculate(*args, **kwargs)
 
 
@@ -25,7 +34,7 @@ class UnconvergedEMT(_CountingEMT):
 
 class CrashingEMT(_CountingEMT):
     def calculate(self, *args, **kwargs):
-        if self.calls + 1 >= self.fail_after:
+        if self.count() >= self.fail_after:
             raise RuntimeError("segfault in SCF")
         super().calculate(*args, **kwargs)
 

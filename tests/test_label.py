@@ -594,7 +594,8 @@ def test_oracle_md_of_init_and_holdout_keeps_only_good_labels(tmp_path, oracle, 
     spec = parse_init_spec({"structures": [{"name": "cu", "lattice": "fcc", "elements": ["Cu"], "a": 3.61, "repeat": [2, 2, 2]}], "md": {"nsteps": 40, "trj_freq": 5}})
     summary = make_holdout(spec, ["cu"], [300.0], 8, OracleMDSpec(trj_freq=5), {"name": oracle, "kwargs": {"fail_after": 12}}, ["Cu"], tmp_path / "h.nc", 1, tmp_path / "work")
     (failure,) = summary["failures"]
-    assert reason in failure and "holdout:cu:T300" in failure, failure
+    assert reason in failure["reason"] and failure["source_task"] == "holdout:cu:T300" and failure["md_step"] == 11, failure
+    assert json.loads((tmp_path / "failures.json").read_text()) == [failure]
     # the frames labelled before the failure are kept, none after it
     assert summary["systems"][0]["frames"] == 2
 
@@ -614,16 +615,16 @@ def test_init_and_holdout_stop_a_hung_calculation_at_the_timeout(tmp_path):
         summary = make_holdout(spec, ["cu"], [300.0], 8, OracleMDSpec(trj_freq=5), oracle, ["Cu"], tmp_path / "h.nc", 1, tmp_path / "h", timeout=1.0)
         assert time.monotonic() - t < 20
         (failure,) = summary["failures"]
-        assert "holdout:cu:T300" in failure and "timed out: no result after 1 s (label.timeout)" in failure, failure
+        assert failure["source_task"] == "holdout:cu:T300" and failure["reason"].startswith("timed out: no result after 1 s (label.timeout)"), failure
         assert summary["systems"][0]["frames"] == 2 and summary["timeout_s"] == 1.0  # the frames before the hang are kept
         task = tmp_path / "h" / "cu" / "T300"
-        assert all(_gone(int((task / name).read_text())) for name in ("server.pid", "hang.pid"))
+        assert all(_gone(int((task / step / name).read_text())) for step, name in (("step.000001", "server.pid"), ("step.000012", "hang.pid")))
 
         spec = parse_init_spec({"structures": [cu], "perturb": {"count": 2}})
         oracle = {"name": "bad_oracles.HangingEMT", "kwargs": {"hang_in": "sp.00001"}}
         summary = make_init(spec, oracle, ["Cu"], tmp_path / "init.nc", 1, tmp_path / "i", timeout=1.0)
         (failure,) = summary["failures"]
-        assert failure.endswith("#1: timed out: no result after 1 s (label.timeout)"), failure
+        assert failure["source_task"].endswith("#1") and failure["reason"] == "timed out: no result after 1 s (label.timeout)", failure
         assert summary["systems"][0]["frames"] == 2
         assert _gone(int((tmp_path / "i" / "cu" / "scale0" / "sp.00001" / "hang.pid").read_text()))
         assert bystander.poll() is None
@@ -672,3 +673,31 @@ def test_init_scale_that_squeezes_atoms_is_refused_before_labelling(tmp_path):
     with pytest.raises(ConfigError, match=r"\[init\.scale\[1\]\]: scale 0\.1 puts atoms of 'cu' 0\.255 Å apart"):
         make_init(spec, {"name": dotted(CountingEMT)}, ["Cu"], tmp_path / "init.nc", 1, tmp_path / "work")
     assert CountingEMT.calls == 0 and not (tmp_path / "init.nc").exists()
+
+
+def test_init_and_holdout_label_through_the_label_steps_tasks_and_reuse_them(tmp_path):
+    """init's single points and the init/holdout oracle MD are labeling tasks like the label
+    step's: a rerun recomputes nothing and gives the same bits; a task directory holding the
+    result of another structure (another seed) is not taken for this one."""
+    from pipeline.init_data import OracleMDSpec, make_holdout, make_init, parse_init_spec
+
+    spec = parse_init_spec({"structures": [{"name": "cu", "lattice": "fcc", "elements": ["Cu"], "a": 3.61}], "perturb": {"count": 2}, "md": {"nsteps": 10, "trj_freq": 5}})
+    oracle = {"name": dotted(CountingEMT)}
+    CountingEMT.calls = 0
+    make_init(spec, oracle, ["Cu"], tmp_path / "a" / "init.nc", 1, tmp_path / "work")
+    first = CountingEMT.calls
+    assert first == 3 + 11  # 3 single points, 11 MD calculations (steps 0-10)
+    assert len(list((tmp_path / "work" / "cu" / "md0").glob("step.*/result.json"))) == 11
+    make_init(spec, oracle, ["Cu"], tmp_path / "b" / "init.nc", 1, tmp_path / "work")
+    assert CountingEMT.calls == first  # every label came from its finished task
+    assert (tmp_path / "a" / "init.nc").read_bytes() == (tmp_path / "b" / "init.nc").read_bytes()
+    assert json.loads((tmp_path / "b" / "failures.json").read_text()) == []
+    make_init(spec, oracle, ["Cu"], tmp_path / "c" / "init.nc", 2, tmp_path / "work")  # another seed: other structures
+    assert CountingEMT.calls == 2 * first - 2  # all anew but the unperturbed single point and MD step 0 (same structures)
+    CountingEMT.calls = 0
+    make_holdout(spec, ["cu"], [300.0], 2, OracleMDSpec(trj_freq=5), oracle, ["Cu"], tmp_path / "h1.nc", 1, tmp_path / "hw")
+    n = CountingEMT.calls
+    make_holdout(spec, ["cu"], [300.0], 2, OracleMDSpec(trj_freq=5), oracle, ["Cu"], tmp_path / "h2.nc", 1, tmp_path / "hw")
+    assert n > 0 and CountingEMT.calls == n
+    (a,), (b,) = read_frames(tmp_path / "h1.nc"), read_frames(tmp_path / "h2.nc")
+    assert np.array_equal(a["force"].values, b["force"].values) and np.array_equal(a["coord"].values, b["coord"].values)

@@ -1,7 +1,7 @@
 """Labeling (the L of ELT): oracles, label validation, failure records (DESIGN §5).
 
 ``make_oracle`` builds an oracle from ``{"name": ..., "kwargs": {...}}`` (EMT, xtb through
-tblite, PySCF, or any ASE calculator by dotted path); ``check_label`` says why a label cannot be
+tblite, PySCF, CP2K, or any ASE calculator by dotted path); ``check_label`` says why a label cannot be
 used; ``label`` runs the whole step (``dpelt label``). Units: eV, Å, eV/Å, eV/Å³.
 """
 

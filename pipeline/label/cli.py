@@ -65,10 +65,10 @@ def _cmd_label(args: argparse.Namespace) -> None:
 
 def add_label_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``dpelt label CANDIDATES -o OUT_DIR --oracle NAME …`` on an argparse subparsers object."""
-    p = subparsers.add_parser("label", help="label candidate frames with an oracle (EMT, xtb, PySCF or any ASE calculator)")
+    p = subparsers.add_parser("label", help="label candidate frames with an oracle (EMT, xtb, PySCF, CP2K or any ASE calculator)")
     p.add_argument("candidates", help="frames file to label (e.g. iter/000/select/candidates.nc)")
     p.add_argument("-o", "--output", required=True, help="step directory: frames.nc, failures.json, summary.json, tasks/")
-    p.add_argument("--oracle", default="emt", help="emt | xtb | pyscf | dotted path of an ASE calculator class (default: emt)")
+    p.add_argument("--oracle", default="emt", help="emt | xtb | pyscf | cp2k | dotted path of an ASE calculator class (default: emt)")
     p.add_argument("--oracle-kwargs", help='calculator arguments as a JSON object, e.g. \'{"basis": "def2-svp", "xc": "pbe"}\'')
     p.add_argument("--max-failed-ratio", type=float, help="fail the step when more than this fraction of labels fails (default: label.max_failed_ratio of the run config schema)")
     p.add_argument("--known", nargs="+", action="extend", metavar="FILE", help="already labelled frames files: their labels are reused, never recomputed")

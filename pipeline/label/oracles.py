@@ -14,11 +14,15 @@ name                             calculator
 ``pyscf``                        molecular DFT / HF through PySCF (:mod:`.pyscf_calc`):
                                  ``basis``, ``xc``, ``charge``, ``spin``, ``max_cycle``,
                                  ``conv_tol``; refuses periodic systems
+``cp2k``                         periodic DFT through ASE's CP2K calculator and one
+                                 ``cp2k_shell`` per label job (:mod:`.cp2k_calc`; settings and
+                                 defaults: the schema's ``label.$defs.cp2k``)
 dotted path, e.g.                any ASE calculator class, built with ``kwargs``; file-based
 ``ase.calculators.vasp.Vasp``    calculators run in their own task directory
 =============================== ==============================================================
 
-Every task gets a fresh calculator. Labels come back in eV (energy), eV/Å (forces) and eV/Å³
+Frames are labelled through a session (:meth:`Oracle.session`, one per job): every task gets
+a fresh calculator, except with ``cp2k``, whose session keeps one ``cp2k_shell`` running. Labels come back in eV (energy), eV/Å (forces) and eV/Å³
 (stress, periodic systems only). The energy is the force-consistent one: ASE's
 ``free_energy`` when the calculator provides it (what VASP calls TOTEN, DP-GEN's choice),
 else ``energy``.
@@ -28,9 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib
 import inspect
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -41,9 +48,10 @@ from ase.calculators.calculator import PropertyNotImplementedError
 from ase.data import atomic_numbers
 
 from ..errors import ConfigError
+from .timeout import kill_descendants, running_children
 from .validate import scf_converged
 
-BUILTIN = ("emt", "xtb", "pyscf")
+BUILTIN = ("emt", "xtb", "pyscf", "cp2k")
 #: Heaviest element GFN1/GFN2-xTB are parametrised for (Rn).
 XTB_MAX_Z = 86
 
@@ -109,6 +117,15 @@ class Oracle:
     source: str = "config"
     threads: int | None = None
 
+    def session(self) -> "OracleSession":
+        """A labeling session for one job (a context manager): ``session.compute(atoms, dir)``
+        labels a frame; the session's code server, if any, is stopped at its end."""
+        if self.name == "cp2k":
+            from .cp2k_calc import Cp2kSession
+
+            return OracleSession(self, Cp2kSession(self.kwargs))
+        return OracleSession(self, None)
+
     def calculator(self, directory: str | os.PathLike | None = None) -> Any:
         """A new calculator; calculators that take a ``directory`` work in ``directory``."""
         kw = dict(self.kwargs)
@@ -130,12 +147,16 @@ class Oracle:
             )
 
     def compute(self, atoms: ase.Atoms, directory: str | os.PathLike | None = None) -> dict:
-        """Label one structure: ``{"energy": eV, "forces": [[eV/Å]], "stress": [eV/Å³] | None, "converged": bool | None}``.
+        """Label one structure in a session of its own (see :meth:`session`): : ``{"energy": eV, "forces": [[eV/Å]], "stress": [eV/Å³] | None, "converged": bool | None}``.
 
         Exceptions from the calculator propagate (the caller records them as failures); only
         building the calculator raises :class:`ConfigError`. Stress is asked for only when
         the system is periodic, and is None when the calculator does not implement it.
         """
+        with self.session() as session:
+            return session.compute(atoms, directory)
+
+    def _fresh_compute(self, atoms: ase.Atoms, directory: str | os.PathLike | None) -> dict:
         calc = self.calculator(directory)
         atoms = atoms.copy()
         atoms.calc = calc
@@ -152,6 +173,54 @@ class Oracle:
                     close()
                 except Exception:
                     pass
+
+
+class Terminated(BaseException):
+    """The labeler got SIGTERM (a cancelled Snakemake or Slurm job): raised where it runs, so that
+    the session stops its code server (which would otherwise go on computing, orphaned)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(f"terminated by signal {signum}")
+
+
+class OracleSession:
+    """The frames of one job go through here (:meth:`Oracle.session`).
+
+    ``spare``: the processes that ran before the session began; a label's time limit kills
+    every other process below the labeler, so a hung code server the session started is
+    stopped too (and the session starts a new one for the next frame). SIGTERM (in the main
+    thread) raises :class:`Terminated`: the session stops its server and the processes its
+    calculators started, and the job ends with the exception.
+    """
+
+    def __init__(self, oracle: Oracle, server: Any):
+        self.oracle = oracle
+        self.server = server
+        self.spare: set[int] = set()
+
+    def __enter__(self) -> "OracleSession":
+        self.spare = running_children()
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, _terminate)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if self.server is not None:
+                self.server.stop()
+            if exc_type is Terminated:  # what the calculators started dies with the job
+                kill_descendants(spare=self.spare)
+        finally:
+            if self._previous is not None:
+                signal.signal(signal.SIGTERM, self._previous)
+
+    def compute(self, atoms: ase.Atoms, directory: str | os.PathLike | None = None) -> dict:
+        """Label one structure; see :meth:`Oracle.compute`."""
+        if self.server is None:
+            return self.oracle._fresh_compute(atoms, directory)
+        return self.server.compute(atoms, directory if directory is not None else ".")
 
 
 def _to_float(x: Any) -> Any:
@@ -252,6 +321,11 @@ def _builtin(name: str, kwargs: dict, source: str) -> Oracle:
             raise ConfigError(f"threads must be a positive integer or null, got {threads!r}", path=source, key="oracle.kwargs.threads")
         spec = {"name": name, "kwargs": kw | {"threads": threads}}
         return Oracle(name, kw, TBLite, accepts_directory=False, spec=spec, source=source, threads=threads)
+    if name == "cp2k":
+        from .cp2k_calc import cp2k_kwargs, cp2k_calculator
+
+        kw = cp2k_kwargs(kwargs, source)
+        return Oracle(name, kw, functools.partial(cp2k_calculator, kw), accepts_directory=True, spec={"name": name, "kwargs": kw}, source=source)
     # pyscf
     try:
         import pyscf  # noqa: F401
@@ -273,7 +347,8 @@ def make_oracle(spec: Mapping[str, Any] | str, source: str = "config") -> Oracle
     name, kwargs = _spec_parts(spec, source)
     if name.lower() in BUILTIN:
         oracle = _builtin(name.lower(), kwargs, source)
-        oracle.calculator()  # a cheap probe: bad kwargs are a config error, found before any work
+        if oracle.name != "cp2k":  # (cp2k's kwargs are checked without starting a shell)
+            oracle.calculator()  # a cheap probe: bad kwargs are a config error, found before any work
         return oracle
     if "." not in name:
         raise ConfigError(
@@ -305,7 +380,8 @@ def check_elements(spec: Mapping[str, Any] | str, symbols: Iterable[str], source
 
     EMT knows only its parametrised elements (``ase.calculators.emt.parameters``); xTB
     elements H-Rn; PySCF whatever its basis set covers (checked when PySCF is installed);
-    other calculators are not checked here.
+    CP2K whether its basis and pseudopotential files name the element; other calculators are
+    not checked here.
     """
     name, kwargs = _spec_parts(spec, source)
     symbols = sorted(set(symbols), key=lambda s: (atomic_numbers.get(s, 10**6), s))
@@ -321,6 +397,10 @@ def check_elements(spec: Mapping[str, Any] | str, symbols: Iterable[str], source
                     path=source,
                     key="oracle.name",
                 )
+    elif name.lower() == "cp2k":
+        from .cp2k_calc import check_cp2k_elements, cp2k_kwargs
+
+        check_cp2k_elements(cp2k_kwargs(kwargs, source), symbols, source)
     elif name.lower() == "pyscf":
         _check_pyscf_basis(kwargs.get("basis", "def2-svp"), symbols, source)
 

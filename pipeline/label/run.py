@@ -41,7 +41,7 @@ from ..data.frames import LABELS, frame_ids, nframes, remap_types, type_map_of, 
 from ..data.netcdf import read_frames, write_frames
 from ..errors import ConfigError, DpeltError
 from ..fileio import write_json_atomic, write_text_atomic
-from .oracles import Oracle, make_oracle
+from .oracles import Oracle, OracleSession, make_oracle
 from .timeout import LabelTimeout, checked_seconds, time_limit
 from .validate import MAX_FORCE, check_label
 
@@ -138,72 +138,98 @@ def _set_deaths(marker: Path, n: int) -> None:
 MAX_DEATHS = 2
 
 
-def run_task(oracle: Oracle, atoms, task_dir: Path, frame_id: str, max_force: float, retry_failed: bool = False, timeout: float | None = None) -> tuple[dict, bool]:
-    """Label one frame in ``task_dir`` (or reuse its finished result); returns ``(record, cached)``.
-
-    Any exception from the calculator (``SystemExit`` included), and any label
-    :func:`check_label` refuses, gives a record with ``status: failed`` and the reason; errors
-    building the calculator are configuration errors and propagate. A ``started`` marker counts
-    the attempts that never finished: when the labeler process itself died ``MAX_DEATHS``
-    times on this frame (a segfault in native code), the task is recorded as failed instead of
-    crashing every rerun. A result of another oracle spec is kept aside, not overwritten.
-    ``timeout`` (s): a calculation running longer is stopped, its child processes killed, and
-    recorded as failed (see :mod:`.timeout`).
-    """
-    spec = _canonical(oracle.spec)
+def _cached(task_dir: Path, spec: Any, frame_id: str) -> dict | None:
+    """The finished result of this task for ``spec`` and this frame, also one set aside when
+    the oracle was switched away and back (it becomes current again)."""
     path = task_dir / RESULT
     cached = _read_result(path, spec)
     if cached is None:
         aside = task_dir / f"result.{_spec_tag(spec)}.json"
         cached = _read_result(aside, spec)
-        if cached is not None:  # the oracle was switched back: its result becomes current again
+        if cached is not None:
             _keep_other_oracle_result(path, spec)
             os.replace(aside, path)
+    if cached is not None and cached.get("frame_id") != frame_id:  # another structure (e.g. an MD step of another run)
+        return None
+    return cached
+
+
+def _deaths(marker: Path) -> int:
+    try:
+        return int(marker.read_text().split()[0]) if marker.exists() else 0
+    except (OSError, ValueError, IndexError):
+        return 1
+
+
+def _attempt(session: OracleSession, atoms, task_dir: Path, max_force: float, timeout: float | None) -> tuple[dict | None, str]:
+    """One calculation under the time limit: ``(result, reason)``, reason "" for a usable label."""
+    natoms, periodic = len(atoms), bool(atoms.pbc.any())
+    r = None
+    try:
+        with time_limit(timeout, session.spare):
+            r = session.compute(atoms, task_dir)
+    except LabelTimeout as exc:  # (the alarm may ring just after the result came: keep it)
+        return r, (check_label(r, natoms, periodic, max_force) if r is not None else f"timed out: {exc}")
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except (Exception, SystemExit) as exc:
+        message = " ".join(str(exc).split())
+        write_text_atomic(task_dir / "error.log", traceback.format_exc())
+        return None, f"calculator raised {type(exc).__name__}" + (f": {message[:500]}" if message else "")
+    return r, check_label(r, natoms, periodic, max_force)
+
+
+def _ok_record(r: dict, periodic: bool) -> dict:
+    stress = r.get("stress")
+    return {
+        "status": "ok",
+        "energy": float(r["energy"]),
+        "forces": np.asarray(r["forces"], dtype=np.float64).tolist(),
+        "stress": None if stress is None or not periodic else np.asarray(stress, dtype=np.float64).tolist(),
+        "converged": r.get("converged"),
+    }
+
+
+def run_task(session: OracleSession | Oracle, atoms, task_dir: Path, frame_id: str, max_force: float, retry_failed: bool = False, timeout: float | None = None) -> tuple[dict, bool]:
+    """Label one frame in ``task_dir`` (or reuse its finished result); returns ``(record, cached)``.
+
+    THE labeling function of the project: the label step, init's single points and the
+    init/holdout oracle MD steps all come through here. ``session`` is the job's
+    :meth:`Oracle.session` (an :class:`Oracle` gets a session of its own). Any exception from
+    the calculator (``SystemExit`` included), and any label :func:`check_label` refuses, gives
+    a record with ``status: failed`` and the reason; errors building the calculator are
+    configuration errors and propagate. A ``started`` marker counts the attempts that never
+    finished: when the labeler process itself died ``MAX_DEATHS`` times on this frame (a
+    segfault in native code), the task is recorded as failed instead of crashing every rerun.
+    A result of another oracle spec is kept aside, not overwritten. ``timeout`` (s): a
+    calculation running longer is stopped, the processes the session started killed, and
+    recorded as failed (see :mod:`.timeout`).
+    """
+    if isinstance(session, Oracle):
+        with session.session() as own:
+            return run_task(own, atoms, task_dir, frame_id, max_force, retry_failed, timeout)
+    spec = _canonical(session.oracle.spec)
+    cached = _cached(task_dir, spec, frame_id)
     if cached is not None and not (retry_failed and cached["status"] == "failed"):
         return cached, True
     task_dir.mkdir(parents=True, exist_ok=True)
-    _keep_other_oracle_result(path, spec)
-    natoms = len(atoms)
-    periodic = bool(atoms.pbc.any())
+    _keep_other_oracle_result(task_dir / RESULT, spec)
     record: dict[str, Any] = {"format": RESULT_FORMAT, "frame_id": frame_id, "oracle": spec}
     marker = task_dir / "started"
-    try:
-        deaths = int(marker.read_text().split()[0]) if marker.exists() else 0
-    except (OSError, ValueError, IndexError):
-        deaths = 1
+    deaths = _deaths(marker)
     t0 = time.perf_counter()
     if deaths >= MAX_DEATHS and not retry_failed:
-        reason = f"the labeler process died {deaths} times during this task (a crash in native code, or killed) without a result"
+        r, reason = None, f"the labeler process died {deaths} times during this task (a crash in native code, or killed) without a result"
     else:
         _set_deaths(marker, deaths + 1)
-        r = None
         try:
-            with time_limit(timeout):
-                r = oracle.compute(atoms, task_dir)
-        except (ConfigError, KeyboardInterrupt):  # not a death of the process in this task: undo the count
+            r, reason = _attempt(session, atoms, task_dir, max_force, timeout)
+        except BaseException:  # not a death of the process in this task: undo the count
             _set_deaths(marker, deaths)
             raise
-        except LabelTimeout as exc:  # (the alarm may ring just after the result came: keep it)
-            reason = check_label(r, natoms, periodic, max_force) if r is not None else f"timed out: {exc}"
-        except (Exception, SystemExit) as exc:
-            message = " ".join(str(exc).split())
-            reason = f"calculator raised {type(exc).__name__}" + (f": {message[:500]}" if message else "")
-            write_text_atomic(task_dir / "error.log", traceback.format_exc())
-        else:
-            reason = check_label(r, natoms, periodic, max_force)
     record["seconds"] = round(time.perf_counter() - t0, 3)
-    if reason:
-        record |= {"status": "failed", "reason": reason}
-    else:
-        stress = r.get("stress")
-        record |= {
-            "status": "ok",
-            "energy": float(r["energy"]),
-            "forces": np.asarray(r["forces"], dtype=np.float64).tolist(),
-            "stress": None if stress is None or not periodic else np.asarray(stress, dtype=np.float64).tolist(),
-            "converged": r.get("converged"),
-        }
-    write_json_atomic(path, record)
+    record |= {"status": "failed", "reason": reason} if reason else _ok_record(r, bool(atoms.pbc.any()))
+    write_json_atomic(task_dir / RESULT, record)
     _set_deaths(marker, 0)
     return record, False
 
@@ -216,6 +242,129 @@ def _virial(stress: Any, cell: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the step
+
+
+def _check_step_args(max_failed_ratio: float, max_force: float, timeout: float | None) -> float | None:
+    if not 0.0 <= float(max_failed_ratio) <= 1.0:
+        raise ConfigError(f"must lie in [0, 1], got {max_failed_ratio}", key="max_failed_ratio")
+    if not float(max_force) > 0:
+        raise ConfigError(f"must be > 0 eV/Å, got {max_force}", key="max_force")
+    return checked_seconds(timeout, key="timeout")
+
+
+class _Tally:
+    """Counts, failure records and warnings of one label step."""
+
+    def __init__(self, ntotal: int, log: Callable[[str], None] | None):
+        self.counts = {"total": ntotal, "duplicates": 0, "labelled": 0, "reused": 0, "failed": 0, "computed": 0, "cached": 0}
+        self.failures: list[dict] = []
+        self.warnings: list[str] = []
+        self.seen: set[str] = set()
+        self.done = 0
+        self.log = log
+
+    def say(self, fid: str, what: str) -> None:
+        if self.log:
+            self.log(f"[{self.done}/{self.counts['total']}] {fid}: {what}")
+
+
+class _Labels:
+    """The labels of one system's kept frames, in frame order."""
+
+    def __init__(self):
+        self.keep: list[int] = []
+        self.energy: list[float] = []
+        self.force: list[np.ndarray] = []
+        self.virial: list[np.ndarray | None] = []
+        self.oracle: list[str] = []
+
+    def add(self, f: int, energy: float, force: Any, virial: Any, oracle: str) -> None:
+        self.keep.append(f)
+        self.energy.append(float(energy))
+        self.force.append(np.asarray(force, dtype=np.float64))
+        self.virial.append(virial)
+        self.oracle.append(oracle)
+
+
+def _reuse_known(hit: tuple[xr.Dataset, int] | None, oracle_name: str, periodic: bool, f: int, labels: _Labels) -> bool:
+    """Take a known label of the same frame (same oracle, or none recorded); True when taken."""
+    if hit is None:
+        return False
+    kds, kf = hit
+    known_oracle = str(kds["oracle"].values[kf])
+    if known_oracle not in ("", oracle_name):
+        return False
+    virial = np.asarray(kds["virial"].values[kf], dtype=np.float64) if "virial" in kds and periodic else None
+    labels.add(f, kds["energy"].values[kf], kds["force"].values[kf], virial, known_oracle)
+    return True
+
+
+def _label_system(session: OracleSession, ds: xr.Dataset, known_systems: list[xr.Dataset], out_dir: Path, tally: _Tally, opts: dict) -> _Labels:
+    """Label (or reuse, or take from finished tasks) every new frame of one system."""
+    ids = [str(i) for i in frame_ids(ds)]
+    index = _known_index(known_systems, ds) if known_systems else {}
+    images = frames_to_atoms(ds)
+    cell = ds["cell"].values
+    periodic = bool(ds["pbc"].values.any())
+    labels = _Labels()
+    for f, fid in enumerate(ids):
+        tally.done += 1
+        if fid in tally.seen:
+            tally.counts["duplicates"] += 1
+            continue
+        tally.seen.add(fid)
+        if _reuse_known(index.get(fid), session.oracle.name, periodic, f, labels):
+            tally.counts["reused"] += 1
+            tally.say(fid, "reused a known label")
+            continue
+        record, cached = run_task(session, images[f], out_dir / TASKS_DIR / fid, fid, **opts)
+        tally.counts["cached" if cached else "computed"] += 1
+        if record["status"] != "ok":
+            tally.counts["failed"] += 1
+            tally.failures.append(failure_entry(record, fid, str(ds["source_task"].values[f]), int(ds["md_step"].values[f]), str(Path(TASKS_DIR) / fid)))
+            tally.say(fid, f"FAILED ({record['reason']})")
+            continue
+        virial = _virial(record["stress"], cell[f]) if record.get("stress") is not None and periodic else None
+        labels.add(f, record["energy"], record["forces"], virial, session.oracle.name)
+        tally.counts["labelled"] += 1
+        tally.say(fid, f"{'done earlier' if cached else 'labelled'} ({record.get('seconds', 0):.2f} s)")
+    return labels
+
+
+def failure_entry(record: dict, frame_id: str, source_task: str, md_step: int, task_dir: str) -> dict:
+    """One quarantined frame as ``failures.json`` lists it."""
+    return {"frame_id": frame_id, "source_task": source_task, "md_step": md_step, "reason": record["reason"], "task_dir": task_dir}
+
+
+def _labelled_dataset(ds: xr.Dataset, labels: _Labels, k: int, tally: _Tally, frames_path: Path) -> xr.Dataset:
+    out = ds.isel(frame=labels.keep)
+    out = out.assign(energy=(("frame",), np.asarray(labels.energy)), force=(("frame", "atom", "xyz"), np.stack(labels.force)))
+    if all(v is not None for v in labels.virial):
+        out = out.assign(virial=(("frame", "row", "xyz"), np.stack(labels.virial)))
+    elif any(v is not None for v in labels.virial):
+        tally.warnings.append(f"system {k}: virial dropped (only {sum(v is not None for v in labels.virial)} of {len(labels.virial)} labels carry stress)")
+    out = out.assign_coords(oracle=(("frame",), np.asarray(labels.oracle, dtype=str)))
+    return validate_frames(out, str(frames_path), require_labels=True)
+
+
+def _write_outcome(out_dir: Path, candidates_path: Path, summary: dict, tally: _Tally, labelled_systems: list[xr.Dataset]) -> None:
+    """failures.json, then frames.nc (unless too many failed: raise) and summary.json."""
+    frames_path = out_dir / "frames.nc"
+    write_json_atomic(out_dir / "failures.json", tally.failures)
+    if summary["status"] == "too_many_failures":
+        if frames_path.exists():
+            frames_path.unlink()  # a stale result must not look like this run's
+        write_json_atomic(out_dir / "summary.json", summary)
+        c, ratio = summary, summary["failed_ratio"]
+        raise DpeltError(
+            f"{c['failed']} of {c['total'] - c['duplicates']} labels failed ({ratio:.1%} > max_failed_ratio {c['max_failed_ratio']:g}); "
+            f"reasons in {out_dir / 'failures.json'}, finished tasks kept in {out_dir / TASKS_DIR} (a rerun reuses them; "
+            "to try the failed ones again: snakemake --retries 1, or dpelt label --retry-failed)",
+            path=candidates_path,
+            key="max_failed_ratio",
+        )
+    write_frames(frames_path, labelled_systems)
+    write_json_atomic(out_dir / "summary.json", summary)
 
 
 def label(
@@ -247,129 +396,40 @@ def label(
 
     Returns the summary dictionary (also written to ``summary.json``).
     """
-    if not 0.0 <= float(max_failed_ratio) <= 1.0:
-        raise ConfigError(f"must lie in [0, 1], got {max_failed_ratio}", key="max_failed_ratio")
-    if not float(max_force) > 0:
-        raise ConfigError(f"must be > 0 eV/Å, got {max_force}", key="max_force")
-    timeout = checked_seconds(timeout, key="timeout")
-    candidates_path = Path(candidates_path)
-    out_dir = Path(out_dir)
+    timeout = _check_step_args(max_failed_ratio, max_force, timeout)
+    candidates_path, out_dir = Path(candidates_path), Path(out_dir)
     known = [os.fspath(p) for p in known]
     oracle = oracle_spec if isinstance(oracle_spec, Oracle) else make_oracle(oracle_spec)
     systems = _read_systems(candidates_path)
-
-    # everything that can be refused is refused before the first task runs
-    for k, ds in enumerate(systems):
+    for k, ds in enumerate(systems):  # everything that can be refused is refused before the first task runs
         oracle.check_system(sorted(_present_elements(ds)), ds["pbc"].values.astype(bool), where=f"{candidates_path} (system {k})")
     known_systems = _known_systems(known)
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    frames_path = out_dir / "frames.nc"
-    ntotal = sum(nframes(ds) for ds in systems)
-    counts = {"total": ntotal, "duplicates": 0, "labelled": 0, "reused": 0, "failed": 0, "computed": 0, "cached": 0}
-    failures: list[dict] = []
-    warnings: list[str] = []
-    labelled_systems: list[xr.Dataset] = []
-    seen: set[str] = set()
-    done = 0
-    for k, ds in enumerate(systems):
-        ds = ds.drop_vars([v for v in LABELS if v in ds])
-        ids = [str(i) for i in frame_ids(ds)]
-        index = _known_index(known_systems, ds) if known_systems else {}
-        images = frames_to_atoms(ds)
-        cell = ds["cell"].values
-        periodic = bool(ds["pbc"].values.any())
-        keep: list[int] = []
-        energy: list[float] = []
-        force: list[np.ndarray] = []
-        virial: list[np.ndarray | None] = []
-        oracle_of: list[str] = []
-        for f, fid in enumerate(ids):
-            done += 1
-            if fid in seen:
-                counts["duplicates"] += 1
-                continue
-            seen.add(fid)
-            hit = index.get(fid)
-            if hit is not None:
-                kds, kf = hit
-                known_oracle = str(kds["oracle"].values[kf])
-                if known_oracle in ("", oracle.name):
-                    keep.append(f)
-                    energy.append(float(kds["energy"].values[kf]))
-                    force.append(np.asarray(kds["force"].values[kf], dtype=np.float64))
-                    virial.append(np.asarray(kds["virial"].values[kf], dtype=np.float64) if "virial" in kds and periodic else None)
-                    oracle_of.append(known_oracle)
-                    counts["reused"] += 1
-                    if log:
-                        log(f"[{done}/{ntotal}] {fid}: reused a known label")
-                    continue
-            task_dir = out_dir / TASKS_DIR / fid
-            record, cached = run_task(oracle, images[f], task_dir, fid, max_force, retry_failed, timeout)
-            counts["cached" if cached else "computed"] += 1
-            if record["status"] != "ok":
-                counts["failed"] += 1
-                failures.append(
-                    {
-                        "frame_id": fid,
-                        "source_task": str(ds["source_task"].values[f]),
-                        "md_step": int(ds["md_step"].values[f]),
-                        "reason": record["reason"],
-                        "task_dir": str(Path(TASKS_DIR) / fid),
-                    }
-                )
-                if log:
-                    log(f"[{done}/{ntotal}] {fid}: FAILED ({record['reason']})")
-                continue
-            keep.append(f)
-            energy.append(float(record["energy"]))
-            force.append(np.asarray(record["forces"], dtype=np.float64))
-            virial.append(_virial(record["stress"], cell[f]) if record.get("stress") is not None and periodic else None)
-            oracle_of.append(oracle.name)
-            counts["labelled"] += 1
-            if log:
-                log(f"[{done}/{ntotal}] {fid}: {'done earlier' if cached else 'labelled'} ({record.get('seconds', 0):.2f} s)")
-        if not keep:
-            continue
-        out = ds.isel(frame=keep)
-        out = out.assign(energy=(("frame",), np.asarray(energy)), force=(("frame", "atom", "xyz"), np.stack(force)))
-        if all(v is not None for v in virial):
-            out = out.assign(virial=(("frame", "row", "xyz"), np.stack(virial)))
-        elif any(v is not None for v in virial):
-            warnings.append(f"system {k}: virial dropped (only {sum(v is not None for v in virial)} of {len(virial)} labels carry stress)")
-        out = out.assign_coords(oracle=(("frame",), np.asarray(oracle_of, dtype=str)))
-        labelled_systems.append(validate_frames(out, str(frames_path), require_labels=True))
-
-    unique = ntotal - counts["duplicates"]
-    ratio = counts["failed"] / unique if unique else 0.0
-    too_many = ratio > max_failed_ratio
+    tally = _Tally(sum(nframes(ds) for ds in systems), log)
+    opts = {"max_force": max_force, "retry_failed": retry_failed, "timeout": timeout}
+    labelled_systems = []
+    with oracle.session() as session:  # one code server (cp2k_shell) for the whole step
+        for k, ds in enumerate(systems):
+            labels = _label_system(session, ds.drop_vars([v for v in LABELS if v in ds]), known_systems, out_dir, tally, opts)
+            if labels.keep:
+                labelled_systems.append(_labelled_dataset(ds.drop_vars([v for v in LABELS if v in ds]), labels, k, tally, out_dir / "frames.nc"))
+    c = tally.counts
+    unique = c["total"] - c["duplicates"]
+    ratio = c["failed"] / unique if unique else 0.0
     summary = {
         "oracle": oracle.name,
         "oracle_kwargs": _canonical(oracle.spec).get("kwargs", {}),
         "candidates": str(candidates_path),
         "known": sorted(known),
-        **counts,
-        "frames": counts["labelled"] + counts["reused"],
+        **c,
+        "frames": c["labelled"] + c["reused"],
         "systems": len(labelled_systems),
         "failed_ratio": ratio,
         "max_failed_ratio": float(max_failed_ratio),
         "max_force": float(max_force),
         "timeout_s": None if timeout is None else float(timeout),
-        "status": "too_many_failures" if too_many else "ok",
-        "warnings": warnings,
+        "status": "too_many_failures" if ratio > max_failed_ratio else "ok",
+        "warnings": tally.warnings,
     }
-    write_json_atomic(out_dir / "failures.json", failures)
-    if too_many:
-        if frames_path.exists():
-            frames_path.unlink()  # a stale result must not look like this run's
-        write_json_atomic(out_dir / "summary.json", summary)
-        raise DpeltError(
-            f"{counts['failed']} of {unique} labels failed ({ratio:.1%} > max_failed_ratio {max_failed_ratio:g}); "
-            f"reasons in {out_dir / 'failures.json'}, finished tasks kept in {out_dir / TASKS_DIR} (a rerun reuses them; "
-            "to try the failed ones again: snakemake --retries 1, or dpelt label --retry-failed)",
-            path=candidates_path,
-            key="max_failed_ratio",
-        )
-    write_frames(frames_path, labelled_systems)
-    write_json_atomic(out_dir / "summary.json", summary)
+    _write_outcome(out_dir, candidates_path, summary, tally, labelled_systems)
     return summary
