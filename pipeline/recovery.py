@@ -156,6 +156,11 @@ def start_driver(run_dir: str | os.PathLike = ".", executor: str = "local") -> P
     return proc
 
 
+def is_started_driver() -> bool:
+    """Whether this process is a driver that :func:`start_driver` started (not a dry run)."""
+    return os.environ.get(DRIVER_ENV, "").startswith(f"{os.getpid()}:")
+
+
 def record_driver(run_dir: str | os.PathLike = ".", pid: int | None = None, **extra) -> Proc:
     """Write the record of driver ``pid`` (default: this process) of ``run_dir``."""
     proc = this_process(pid)

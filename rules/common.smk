@@ -55,9 +55,9 @@ _start_driver()
 
 onstart:
     # the executor is only known now: resume refuses a cluster run whose jobs may still be queued
-    from pipeline.recovery import DRIVER_ENV, record_driver
+    from pipeline.recovery import is_started_driver, record_driver
 
-    if os.environ.get(DRIVER_ENV, "").startswith(f"{os.getpid()}:"):
+    if is_started_driver():
         record_driver(".", executor=workflow.executor_plugin.name if workflow.executor_plugin else "local")
 
 
