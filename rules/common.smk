@@ -2,6 +2,7 @@
 # Rules stay declarative; everything computed lives here.
 
 import json
+import math
 import os
 import shlex
 from pathlib import Path
@@ -25,8 +26,10 @@ except ConfigError as exc:
 
 # label.timeout reaches `dpelt label`, `dpelt init` and `dpelt holdout` as their --timeout, through
 # a job resource (rules use `resources: label_timeout=LABEL_TIMEOUT`): unlike a param, a resource
-# is no rerun trigger, so a new or changed limit does not rerun finished steps.
-LABEL_TIMEOUT = "none" if config["label"]["timeout"] is None else repr(float(config["label"]["timeout"]))
+# is no rerun trigger, so a new or changed limit does not rerun finished steps. Whole seconds
+# (rounded up), 0 for no limit: an integer, because a string resource must be equal across the
+# jobs of a SLURM job group (the profile groups label with evaluate, which has no limit).
+LABEL_TIMEOUT = 0 if config["label"]["timeout"] is None else math.ceil(float(config["label"]["timeout"]))
 
 
 def _start_driver():

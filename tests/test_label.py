@@ -335,8 +335,9 @@ def test_cli_label_timeout_is_an_explicit_option(monkeypatch, capsys):
     for cmd in (["label", "c.nc", "-o", "out"], ["init", "--spec", "{}", "-o", "x.nc", "--seed", "1"], ["holdout", "--spec", "{}", "-o", "x.nc", "--seed", "1"]):
         assert p.parse_args(cmd).timeout is None
         assert p.parse_args(cmd + ["--timeout", "none"]).timeout is None
-        assert p.parse_args(cmd + ["--timeout", "600.0"]).timeout == 600.0
-        for bad in ("soon", "0"):
+        assert p.parse_args(cmd + ["--timeout", "0"]).timeout is None  # the workflow's "no limit"
+        assert p.parse_args(cmd + ["--timeout", "600"]).timeout == 600.0
+        for bad in ("soon", "-1"):
             with pytest.raises(SystemExit):
                 p.parse_args(cmd + ["--timeout", bad])
     assert "expected seconds or 'none', got 'soon'" in capsys.readouterr().err

@@ -23,13 +23,13 @@ def _oracle_kwargs(text: str | None) -> dict[str, Any]:
     return value
 
 
-TIMEOUT_HELP = "wall-clock limit of one calculation in seconds, or 'none' (the default): a longer one is stopped and recorded as failed"
+TIMEOUT_HELP = "wall-clock limit of one calculation in seconds, or 'none' / 0 (the default: no limit): a longer one is stopped and recorded as failed"
 
 
 def seconds_or_none(text: str) -> float | None:
-    """``--timeout`` values: a positive number of seconds, or ``none`` (no limit); the workflow
-    passes label.timeout this way."""
-    if text.strip().lower() in ("none", "null", ""):
+    """``--timeout`` values: a positive number of seconds, or ``none`` / ``0`` (no limit); the
+    workflow passes label.timeout this way (whole seconds, 0 when there is no limit)."""
+    if text.strip().lower() in ("none", "null", "", "0"):
         return None
     try:
         value = float(text)

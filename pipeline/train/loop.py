@@ -107,16 +107,17 @@ def compute_statistics(model: DeepPot, cfg: ModelConfig, systems: Sequence[Train
 
 def energy_residuals(model: DeepPot, systems: Sequence[TrainSystem], chunk: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """(element counts [nframes, ntypes], label − model energy [nframes] eV) over every training frame."""
-    from ..evaluate import frozen_weights
+    from ..model.serialize import inference_model
 
+    frozen = inference_model(model, compress=False)  # a copy when ``model`` is training
     counts, res = [], []
-    with frozen_weights(model):
+    with torch.no_grad():
         for s in systems:
             for start in range(0, s.nframes, chunk):
                 b = s.batch(np.arange(start, min(start + chunk, s.nframes)))
-                pred = model.forward_rij(b.rij, b.nlist, b.atype, False, False, False, b.partner)["energy"]  # [nf] eV
+                pred = frozen.forward_rij(b.rij, b.nlist, b.atype, False, False, False, b.partner)["energy"]  # [nf] eV
                 res.append((b.energy - pred).numpy())
-            counts.append(np.tile(np.bincount(s.atype.numpy(), minlength=model.ntypes), (s.nframes, 1)))
+            counts.append(np.tile(np.bincount(s.atype.numpy(), minlength=frozen.ntypes), (s.nframes, 1)))
     return np.concatenate(counts), np.concatenate(res)
 
 
